@@ -1,0 +1,1 @@
+"""pvt_d2: pyramid vision transformer backbones for detectron2."""

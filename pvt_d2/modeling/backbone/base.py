@@ -1,0 +1,118 @@
+"""The detectron2 ``Backbone`` contract shared by every family.
+
+A family model subclasses :class:`PyramidBackbone`, describes its pyramid
+levels (name, channels, stride) and implements :meth:`forward_features`, which
+returns every level it computes. The base class takes care of the rest:
+``out_features`` selection and validation, ``output_shape()``, optional
+LayerNorm on each output, input validation, and ``FREEZE_AT`` semantics
+(frozen modules stay frozen and in eval mode after ``model.train()``).
+"""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone
+from torch import nn
+
+from .layers import LayerNorm2d
+
+__all__ = ["PyramidBackbone", "DEFAULT_OUT_FEATURES"]
+
+DEFAULT_OUT_FEATURES = ("res2", "res3", "res4", "res5")
+
+
+class PyramidBackbone(Backbone):
+    """Base class of all pvt_d2 backbones.
+
+    Subclasses call :meth:`_init_pyramid` at the end of their ``__init__`` and
+    implement :meth:`forward_features` and :meth:`frozen_modules`.
+
+    Images of any size are accepted; each family pads internally where its
+    operators need it, so a level at stride ``s`` has ``ceil(H / s)`` by
+    ``ceil(W / s)`` positions. Consequently the backbone itself needs no input
+    divisibility (``size_divisibility == 0``); an FPN on top of it asks for
+    its own (32, or 128 with P6/P7) as usual.
+    """
+
+    def _init_pyramid(self, channels: Dict[str, int], strides: Dict[str, int],
+                      out_features: Optional[Sequence[str]] = None, output_norm: bool = False,
+                      freeze_at: int = 0, min_input_size: int = 1) -> None:
+        """Record the pyramid description and apply the user options.
+
+        Args:
+            channels: channels of every level the model can produce, by name.
+            strides: stride of every level, by name.
+            out_features: levels to return (default ``res2``-``res5``).
+            output_norm: add a LayerNorm on each returned level.
+            freeze_at: 0 trains everything; 1 freezes the stem / patch
+                embedding; ``k >= 2`` also freezes the stages up to ``res{k}``.
+            min_input_size: smallest image side the model accepts.
+        """
+        out_features = list(out_features or DEFAULT_OUT_FEATURES)
+        unknown = [f for f in out_features if f not in channels]
+        if unknown or not out_features:
+            raise ValueError(
+                f"{type(self).__name__}: unknown out_features {unknown or out_features}; "
+                f"this backbone provides {sorted(channels)}")
+        self._out_features = out_features
+        self._out_feature_channels = {k: channels[k] for k in out_features}
+        self._out_feature_strides = {k: strides[k] for k in out_features}
+        self._min_input_size = min_input_size
+        self.output_norms = nn.ModuleDict(
+            {k: LayerNorm2d(channels[k], eps=1e-6) for k in out_features}) if output_norm else None
+        self._freeze_at = freeze_at
+        self._freeze()
+
+    @property
+    def size_divisibility(self) -> int:
+        return 0
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {}
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        """Modules to freeze for a given ``FREEZE_AT`` value; see :meth:`_init_pyramid`."""
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Compute the levels in ``needed`` (more may be returned)."""
+        raise NotImplementedError
+
+    def _freeze(self) -> None:
+        if self._freeze_at <= 0:
+            return
+        for module in self.frozen_modules(self._freeze_at):
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self._freeze_at > 0:
+            for module in self.frozen_modules(self._freeze_at):
+                module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Args:
+            x: images ``(B, C, H, W)``.
+
+        Returns:
+            dict mapping each name of ``out_features`` to its ``(B, C_k, H_k, W_k)`` map.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self._min_input_size:
+            raise ValueError(
+                f"{type(self).__name__}: image of {x.shape[-2]}x{x.shape[-1]} px is smaller than "
+                f"the minimum of {self._min_input_size} px per side")
+        feats = self.forward_features(x, self._out_features)
+        outputs = {k: feats[k] for k in self._out_features}
+        if self.output_norms is not None:
+            outputs = {k: self.output_norms[k](v) for k, v in outputs.items()}
+        return outputs
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {k: ShapeSpec(channels=self._out_feature_channels[k], stride=self._out_feature_strides[k])
+                for k in self._out_features}

@@ -1,0 +1,199 @@
+"""Building blocks shared by several backbone families.
+
+Everything that more than one family needs lives here exactly once: padding to
+a multiple, window partition and its inverse, resizing of learned position
+embeddings, channels-first LayerNorm, and the spatial-reduction attention of
+PVT (also used by PVT v2 and Twins).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "pad_to_multiple",
+    "window_partition",
+    "window_unpartition",
+    "resize_pos_embed",
+    "LayerNorm2d",
+    "SpatialReductionAttention",
+    "tokens_to_map",
+    "map_to_tokens",
+]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool = False) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Zero-pad the bottom/right of a feature map so both sides divide ``multiple``.
+
+    Args:
+        x: ``(B, C, H, W)`` tensor, or ``(B, H, W, C)`` when ``channels_last``.
+        multiple: the required divisor of height and width.
+        channels_last: layout of ``x``.
+
+    Returns:
+        The padded tensor and the number of padded rows and columns ``(pad_h, pad_w)``.
+    """
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
+    pad_h = (multiple - h % multiple) % multiple
+    pad_w = (multiple - w % multiple) % multiple
+    if pad_h or pad_w:
+        if channels_last:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        else:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x, (pad_h, pad_w)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Split a channels-last map into non-overlapping square windows.
+
+    Args:
+        x: ``(B, H, W, C)`` with ``H`` and ``W`` divisible by ``window_size``
+            (see :func:`pad_to_multiple`).
+        window_size: side of a window.
+
+    Returns:
+        ``(B * num_windows, window_size, window_size, C)``.
+    """
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, hw: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`.
+
+    Args:
+        windows: ``(B * num_windows, window_size, window_size, C)``.
+        window_size: side of a window.
+        hw: the (padded) height and width the windows were cut from.
+
+    Returns:
+        ``(B, H, W, C)``.
+    """
+    h, w = hw
+    nh, nw = h // window_size, w // window_size
+    b = windows.shape[0] // (nh * nw)
+    x = windows.view(b, nh, nw, window_size, window_size, -1)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+
+
+def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H*W, C)`` tokens to a ``(B, C, H, W)`` map."""
+    b, _, c = x.shape
+    return x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int],
+                     num_prefix_tokens: int = 0, mode: str = "bilinear") -> torch.Tensor:
+    """Resample a learned absolute position embedding to another token grid.
+
+    Args:
+        pos_embed: ``(1, num_prefix_tokens + src_h * src_w, C)``.
+        src_hw: grid the embedding was learned for.
+        dst_hw: grid of the current input.
+        num_prefix_tokens: leading tokens (class token slots) that are dropped.
+        mode: interpolation mode for :func:`torch.nn.functional.interpolate`.
+
+    Returns:
+        ``(1, dst_h * dst_w, C)``; the input itself (minus prefix tokens) when the
+        grids already agree.
+    """
+    grid = pos_embed[:, num_prefix_tokens:]
+    if tuple(src_hw) == tuple(dst_hw):
+        return grid
+    c = grid.shape[-1]
+    grid = grid.reshape(1, src_hw[0], src_hw[1], c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(dst_hw), mode=mode, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst_hw[0] * dst_hw[1], c)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a spatially reduced map.
+
+    PVT's SRA: queries are all ``N = H*W`` tokens; keys and values are computed
+    from the map reduced by a ``sr_ratio`` x ``sr_ratio`` strided conv followed by
+    LayerNorm, so attention costs ``N * N / sr_ratio**2``. With ``linear=True``
+    (PVT v2 "li" variants) the reduction is an adaptive average pool to 7x7, a
+    1x1 conv, LayerNorm and GELU instead. The same module is Twins' global
+    sub-sampled attention. Parameter names (``q``, ``kv``, ``proj``, ``sr``,
+    ``norm``) follow the official PVT code, so its checkpoints load unchanged.
+
+    Args:
+        dim: channels of the tokens.
+        num_heads: attention heads.
+        sr_ratio: spatial reduction ratio (1 = plain global attention).
+        qkv_bias: add a bias to the query and key/value projections.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+        linear: use PVT v2's linear (pooling) reduction.
+        pool_size: output side of the pooling in linear mode.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.linear = linear
+        self.sr_ratio = sr_ratio
+        if linear:
+            self.pool = nn.AdaptiveAvgPool2d(pool_size)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def reduce(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Tokens ``(B, N, C)`` to the reduced key/value tokens ``(B, M, C)``.
+
+        In conv mode the strided conv drops a border that does not fill a
+        whole ``sr_ratio`` cell, exactly as the reference implementations do; a
+        side shorter than ``sr_ratio`` (tiny images) is zero-padded up to it so
+        that there is always at least one key/value token.
+        """
+        if self.linear:
+            y = self.pool(tokens_to_map(x, hw))
+            return self.act(self.norm(map_to_tokens(self.sr(y))))
+        if self.sr_ratio > 1:
+            y = tokens_to_map(x, hw)
+            pad_h, pad_w = max(self.sr_ratio - hw[0], 0), max(self.sr_ratio - hw[1], 0)
+            if pad_h or pad_w:
+                y = F.pad(y, (0, pad_w, 0, pad_h))
+            return self.norm(map_to_tokens(self.sr(y)))
+        return x
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Attend from ``x`` (``(B, H*W, C)``, grid ``hw``) to its reduced map."""
+        b, n, c = x.shape
+        heads = self.num_heads
+        q = self.q(x).reshape(b, n, heads, c // heads).transpose(1, 2)
+        kv = self.kv(self.reduce(x, hw)).reshape(b, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(out))

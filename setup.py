@@ -1,0 +1,12 @@
+"""Install pvt_d2: pyramid vision transformer and MLP backbones for detectron2."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pvt_d2",
+    version="0.1.0",
+    description="PVT, PVTv2, Twins, LeViT, GC ViT and Vision Permutator backbones for detectron2",
+    packages=find_packages(include=["pvt_d2", "pvt_d2.*"]),
+    python_requires=">=3.9",
+    install_requires=["timm>=1.0", "safetensors", "fvcore", "pycocotools", "opencv-python-headless"],
+    include_package_data=True,
+)
