@@ -5,7 +5,7 @@ YAML files under ``configs/``. Every key is documented where it is defined.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg"]
+__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "ConfigError"]
 
 
 def add_pvt_d2_config(cfg: CN) -> CN:
@@ -36,6 +36,9 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # Optimizer: AdamW ("ADAMW") or detectron2's SGD ("SGD").
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # With AdamW, gradient clipping (when enabled) clips the norm of all
+    # gradients together, as the papers' mmdetection recipes do.
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     return cfg
 
 
@@ -44,3 +47,51 @@ def get_pvt_d2_cfg() -> CN:
     from detectron2.config import get_cfg
 
     return add_pvt_d2_config(get_cfg())
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names it."""
+
+
+def load_config(config_file: str, opts=None) -> CN:
+    """Read a pvt_d2 YAML config (with its ``_BASE_`` chain) and apply overrides.
+
+    YAML files are parsed with the safe loader only: a file with Python object
+    tags is refused, never executed.
+
+    Args:
+        config_file: path of the YAML file.
+        opts: ``["KEY", "VALUE", ...]`` overrides as on the command line.
+
+    Raises:
+        ConfigError: missing file, unsafe or malformed YAML, unknown key or a
+            value of the wrong type.
+    """
+    import os
+
+    import yaml
+
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"Config file not found: {config_file}")
+    cfg = get_pvt_d2_cfg()
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"Config file {config_file} (or one of its _BASE_ files) contains a YAML tag that "
+                          f"is not plain data and is refused for safety: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {config_file} is not valid YAML: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"Config file {config_file}: {e.args[0] if e.args else e}") from None
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"Config file {config_file}: {e}") from None
+    if opts:
+        if len(opts) % 2:
+            raise ConfigError(f"Overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except KeyError as e:
+            raise ConfigError(f"Unknown config key in overrides: {e.args[0] if e.args else e}") from None
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"Bad override value: {e}") from None
+    return cfg

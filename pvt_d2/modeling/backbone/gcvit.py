@@ -1,0 +1,531 @@
+"""GC ViT: Global Context Vision Transformers (Hatamizadeh et al., 2022).
+
+Architecture
+    * Stem: a 3x3 stride-2 conv, then a :class:`ReduceSize` block (LayerNorm,
+      Fused-MBConv, 3x3 stride-2 conv, LayerNorm): stride 4.
+    * Four stages. Stages 2-4 open with a :class:`ReduceSize` that halves the
+      resolution and doubles the channels, so the stage outputs are ``res2``
+      .. ``res5`` at strides 4, 8, 16, 32 with ``dim * 2**i`` channels. The
+      last stage ends with a LayerNorm; its output (after that norm) is
+      ``res5``, exactly as timm's ``features_only`` model returns it.
+    * Inside a stage, blocks alternate local window attention (even blocks)
+      and global query attention (odd blocks). Both attend within
+      non-overlapping windows with a relative position bias; in global blocks
+      the queries are not projected from the window but taken from a global
+      query map that the stage's :class:`GlobalQueryGenerator` (Fused-MBConv
+      blocks with 3x3 stride-2 max-pools) computes once from the whole map;
+      every window of an image shares it.
+    * small / base add layer scale to both residual branches.
+
+Any input size (the rule)
+    * Windows: ``window_sizes`` sets the window side of each stage. ``None``
+      (``MODEL.PVT_D2.GCVIT.WINDOW_SIZES: []``) keeps the ImageNet windows
+      7, 7, 14, 7; the detection configs use 24 in every stage, like the
+      official detection code. Each block zero-pads its (normalised) map at
+      the bottom/right to a multiple of the window and crops the result back,
+      so stage ``i`` keeps ``ceil(H / s_i)`` x ``ceil(W / s_i)`` positions.
+      Padded positions take part as keys and values, as in the official
+      detection code (``mask_padding=False``, the default); with
+      ``mask_padding=True`` they are masked out of every softmax instead (a
+      window always holds at least one real position, so this is well
+      defined). At 224 with the ImageNet windows nothing is padded.
+    * Relative position bias: every table keeps the shape of its ImageNet
+      window, ``((2 * w_in - 1) ** 2, heads)``, so a timm 224 checkpoint loads
+      with ``strict=True`` whatever the window policy. When a stage runs with
+      another window ``w``, the table is resized bicubically to
+      ``(2 * w - 1) ** 2`` on the fly (the official detection code resizes
+      once at build time instead). The resized table is cached while it needs
+      no gradient (inference, frozen stages) and recomputed from the
+      learnable table otherwise. Because the parameters never change shape,
+      detectron2's checkpointer (which drops mismatched shapes before
+      ``load_state_dict``) loads ImageNet and fine-tuned weights alike.
+    * Global queries: the number of max-pool steps of a generator is fixed
+      from the nominal 224 input, never from the actual image: a stage whose
+      window equals its nominal 224 grid (56, 28, 14, 7) does not pool;
+      every other stage pools down to the nominal stride-32 grid, i.e.
+      ``log2(32 / stride)`` steps. This gives timm's 3, 2, 0, 0 for the
+      ImageNet windows and the official detection code's 3, 2, 1, 0 for
+      window 24. The pooled map is then resized bicubically to the stage's
+      window (a no-op at 224 with the ImageNet windows). The generator always
+      has the convolutions of the ImageNet model, so its weights always load.
+    * Padding masks are computed once per grid size (a small per-stage cache);
+      relative position indices are fixed buffers.
+
+Module and parameter names mirror timm's ``gcvit_*`` models: a timm state
+dict loads with ``load_state_dict(strict=True)`` after dropping ``head.*``.
+"""
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp, SEModule, calculate_drop_path_rates, trunc_normal_
+from torch import nn
+
+from .base import PyramidBackbone
+from .layers import LayerNorm2d, pad_to_multiple, window_partition, window_unpartition
+from .registry import register_architectures
+
+__all__ = [
+    "GCViT",
+    "GlobalContextAttention",
+    "GlobalQueryGenerator",
+    "RelativePositionBias",
+    "global_query_pool_steps",
+    "IMAGENET_WINDOW_SIZES",
+]
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_STRIDES = (4, 8, 16, 32)
+IMAGENET_WINDOW_SIZES = (7, 7, 14, 7)
+NOMINAL_IMAGE_SIZE = 224
+
+
+def global_query_pool_steps(window_sizes: Sequence[int], image_size: int = NOMINAL_IMAGE_SIZE) -> Tuple[int, ...]:
+    """Max-pool steps of each stage's global query generator (see the module docstring).
+
+    Args:
+        window_sizes: window side of each stage.
+        image_size: the nominal (pretraining) image side.
+
+    Returns:
+        One step count per stage; independent of the actual input size.
+    """
+    steps = []
+    for stride, window in zip(STAGE_STRIDES, window_sizes):
+        nominal_grid = image_size // stride
+        steps.append(0 if window == nominal_grid else int(round(math.log2(STAGE_STRIDES[-1] // stride))))
+    return tuple(steps)
+
+
+class MbConvBlock(nn.Module):
+    """GC ViT's Fused-MBConv: 3x3 depthwise conv, GELU, squeeze-excite, 1x1 conv, plus the input.
+
+    No normalisation and no bias, as in the paper. Works on ``(B, C, H, W)``.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.act = nn.GELU()
+        self.se = SEModule(dim, rd_ratio=0.25, bias=False, act_layer=nn.GELU)
+        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_pw(self.se(self.act(self.conv_dw(x))))
+
+
+class ReduceSize(nn.Module):
+    """Downsampler: LayerNorm, Fused-MBConv, 3x3 stride-2 conv, LayerNorm (``(B, C, H, W)`` in and out).
+
+    The padded stride-2 conv maps a side ``n`` to ``ceil(n / 2)``.
+    """
+
+    def __init__(self, dim: int, dim_out: Optional[int] = None):
+        super().__init__()
+        dim_out = dim_out or dim
+        self.norm1 = LayerNorm2d(dim)
+        self.conv_block = MbConvBlock(dim)
+        self.reduction = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1, bias=False)
+        self.norm2 = LayerNorm2d(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.reduction(self.conv_block(self.norm1(x))))
+
+
+class Stem(nn.Module):
+    """3x3 stride-2 conv to ``dim`` channels, then a same-width :class:`ReduceSize`: stride 4."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim, 3, stride=2, padding=1)
+        self.down = ReduceSize(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.conv1(x))
+
+
+class GlobalQueryGenerator(nn.Module):
+    """Computes a stage's global query tokens from its whole feature map.
+
+    ``num_convs`` Fused-MBConv blocks (``conv1``, ``conv2``, ...), the first
+    ``pool_steps`` of them followed by a 3x3 stride-2 max-pool (``pool1``,
+    ...). The pooled map is resized bicubically to ``window_size`` x
+    ``window_size`` when its size differs, and flattened row-major to one
+    query per window position.
+
+    Args:
+        dim: channels.
+        num_convs: Fused-MBConv blocks (those of the ImageNet model).
+        pool_steps: max-pool steps, ``<= num_convs``
+            (see :func:`global_query_pool_steps`).
+        window_size: side of the attention window the queries are for.
+    """
+
+    def __init__(self, dim: int, num_convs: int, pool_steps: int, window_size: int):
+        super().__init__()
+        if pool_steps > num_convs:
+            raise ValueError(f"pool_steps ({pool_steps}) cannot exceed num_convs ({num_convs})")
+        self.window_size = window_size
+        self.pool_steps = pool_steps
+        self.blocks = nn.Sequential()
+        for i in range(num_convs):
+            self.blocks.add_module(f"conv{i + 1}", MbConvBlock(dim))
+            if i < pool_steps:
+                self.blocks.add_module(f"pool{i + 1}", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` map to ``(B, window_size**2, C)`` query tokens."""
+        q = self.blocks(x)
+        if q.shape[-2:] != (self.window_size, self.window_size):
+            q = F.interpolate(q, size=(self.window_size, self.window_size), mode="bicubic", align_corners=False)
+        return q.flatten(2).transpose(1, 2)
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """``(N, N)`` index into a ``(2w-1) x (2w-1)`` table (row-major) for every query/key pair of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)
+    delta = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)
+    return delta[0] * (2 * window_size - 1) + delta[1]
+
+
+class RelativePositionBias(nn.Module):
+    """Learned relative position bias of a square window, with its table kept at the pretraining window.
+
+    ``relative_position_bias_table`` has the shape of ``pretrain_window_size``
+    so that ImageNet checkpoints load unchanged; at another ``window_size``
+    the table is resized bicubically (as a ``(2w-1) x (2w-1)`` image per head)
+    before the lookup. The resized table is cached while the table needs no
+    gradient (inference, frozen stages), keyed by the parameter's storage,
+    version counter, device and dtype, so loading weights or an optimizer
+    step invalidates it (in-place edits through ``.data`` do not); when the
+    table is being trained it is resized on every call. The ``(heads, N, N)``
+    lookup itself is redone per call: it is what timm does at 224, and caching
+    it would hold ``heads * N**2`` values per block.
+
+    Args:
+        window_size: window side used at run time.
+        pretrain_window_size: window side the table was learned for.
+        num_heads: attention heads.
+    """
+
+    def __init__(self, window_size: int, pretrain_window_size: int, num_heads: int):
+        super().__init__()
+        self.window_size = window_size
+        self.pretrain_window_size = pretrain_window_size
+        self.num_heads = num_heads
+        side = 2 * pretrain_window_size - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size).flatten(),
+                             persistent=False)
+        self._cache_key: Optional[tuple] = None
+        self._cache: Optional[torch.Tensor] = None
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _resize(self, table: torch.Tensor) -> torch.Tensor:
+        src, dst = 2 * self.pretrain_window_size - 1, 2 * self.window_size - 1
+        grid = table.t().reshape(1, self.num_heads, src, src)
+        grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+        return grid.reshape(self.num_heads, dst * dst).t()
+
+    def resized_table(self) -> torch.Tensor:
+        """The table for ``window_size``, ``((2w-1)**2, heads)``; the parameter itself when no resize is needed."""
+        table = self.relative_position_bias_table
+        if self.window_size == self.pretrain_window_size:
+            return table
+        if torch.is_grad_enabled() and table.requires_grad:
+            self._cache_key = self._cache = None
+            return self._resize(table)
+        key = (table.device, table.dtype, table.data_ptr(), table._version)
+        if self._cache_key != key:
+            self._cache = self._resize(table.detach())
+            self._cache_key = key
+        return self._cache
+
+    def forward(self) -> torch.Tensor:
+        """The ``(heads, N, N)`` additive attention bias, ``N = window_size**2``."""
+        n = self.window_size * self.window_size
+        table = self.resized_table().t().contiguous()
+        return table[:, self.relative_position_index].view(self.num_heads, n, n)
+
+
+class GlobalContextAttention(nn.Module):
+    """Multi-head attention inside windows with relative position bias, local or global-query.
+
+    Local (``use_global=False``): queries, keys and values are projected from
+    the window (``qkv`` has ``3 * dim`` outputs). Global: only keys and values
+    are (``2 * dim`` outputs); the queries are the image's global query tokens,
+    shared by all of its windows and split into heads like the keys.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: window side at run time.
+        pretrain_window_size: window side of the relative position table.
+        use_global: global-query attention.
+        qkv_bias: bias on the ``qkv`` projection.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, pretrain_window_size: int,
+                 use_global: bool, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.use_global = use_global
+        self.rel_pos = RelativePositionBias(window_size, pretrain_window_size, num_heads)
+        self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
+                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args:
+            x: windows grouped by image, ``(B, num_windows, N, C)``.
+            q_global: ``(B, N, C)`` global queries (global attention only).
+            key_padding: optional ``(num_windows, N)`` bool, True at padded
+                positions, which are then excluded as keys.
+
+        Returns:
+            ``(B, num_windows, N, C)``.
+        """
+        b, nw, n, c = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        if self.use_global:
+            if q_global is None:
+                raise ValueError("global-query attention needs q_global")
+            k, v = self.qkv(x).view(b, nw, n, 2, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            q = q_global.reshape(b, 1, n, heads, hd).transpose(2, 3).expand(b, nw, heads, n, hd)
+        else:
+            q, k, v = self.qkv(x).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self.rel_pos().to(q.dtype)
+        dropout = self.attn_drop if self.training else 0.0
+        if key_padding is None:
+            # (B * nW, heads, N, N) batches with one shared bias: the fused kernels apply.
+            out = F.scaled_dot_product_attention(
+                q.reshape(b * nw, heads, n, hd), k.reshape(b * nw, heads, n, hd), v.reshape(b * nw, heads, n, hd),
+                attn_mask=bias, dropout_p=dropout, scale=self.scale)
+            out = out.view(b, nw, heads, n, hd)
+        else:
+            # The mask differs per window but not per image: broadcast it over the batch dimension.
+            mask = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class GCViTBlock(nn.Module):
+    """Pre-norm transformer block: windowed (local or global-query) attention, then an MLP.
+
+    Works on channels-last maps ``(B, H, W, C)`` of any size: the normalised
+    map is zero-padded to a multiple of the window and the attention output
+    cropped back before the residual sum.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: window side at run time.
+        pretrain_window_size: window side of the relative position table.
+        use_global: global-query attention instead of local attention.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        qkv_bias: bias on the ``qkv`` projection.
+        layer_scale: initial layer-scale value (``None`` = no layer scale).
+        drop_path: stochastic depth rate.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, pretrain_window_size: int, use_global: bool,
+                 mlp_ratio: float = 3.0, qkv_bias: bool = True, layer_scale: Optional[float] = None,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GlobalContextAttention(dim, num_heads, window_size, pretrain_window_size, use_global, qkv_bias)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _attention(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
+                   key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        b, h, w, c = x.shape
+        ws = self.window_size
+        x, _ = pad_to_multiple(x, ws, channels_last=True)
+        hp, wp = x.shape[1], x.shape[2]
+        windows = window_partition(x, ws).reshape(b, -1, ws * ws, c)
+        windows = self.attn(windows, q_global, key_padding)
+        x = window_unpartition(windows.reshape(-1, ws, ws, c), ws, (hp, wp))
+        return x[:, :h, :w]
+
+    def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
+                key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args: ``x`` ``(B, H, W, C)``; ``q_global`` ``(B, N, C)``; ``key_padding`` ``(num_windows, N)`` or None."""
+        x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), q_global, key_padding)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class GCViTStage(nn.Module):
+    """Optional downsampler, global query generator, alternating blocks and optional closing LayerNorm.
+
+    Args:
+        in_dim: channels of the input map.
+        dim: channels of the stage (``!= in_dim`` only with ``downsample``).
+        depth: blocks.
+        num_heads: attention heads.
+        window_size: window side at run time.
+        pretrain_window_size: the ImageNet window side of this stage.
+        num_query_convs: Fused-MBConv blocks of the query generator.
+        pool_steps: max-pool steps of the query generator.
+        downsample: open with a :class:`ReduceSize` (``in_dim`` -> ``dim``, stride 2).
+        stage_norm: close with a LayerNorm.
+        mlp_ratio, qkv_bias, layer_scale: see :class:`GCViTBlock`.
+        drop_path: per-block stochastic depth rates.
+        mask_padding: exclude padded positions from the attention keys.
+    """
+
+    _MASK_CACHE_SIZE = 8
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int,
+                 pretrain_window_size: int, num_query_convs: int, pool_steps: int, downsample: bool,
+                 stage_norm: bool, mlp_ratio: float, qkv_bias: bool, layer_scale: Optional[float],
+                 drop_path: Sequence[float], mask_padding: bool = False):
+        super().__init__()
+        self.window_size = window_size
+        self.mask_padding = mask_padding
+        self.downsample = ReduceSize(in_dim, dim) if downsample else nn.Identity()
+        self.global_block = GlobalQueryGenerator(dim, num_query_convs, pool_steps, window_size)
+        self.blocks = nn.ModuleList([
+            GCViTBlock(dim, num_heads, window_size, pretrain_window_size, use_global=i % 2 == 1,
+                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, layer_scale=layer_scale, drop_path=drop_path[i])
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(dim) if stage_norm else nn.Identity()
+        self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
+
+    def key_padding_mask(self, hw: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
+        """``(num_windows, N)`` bool, True at padded positions; None without padding or masking.
+
+        Computed once per grid size and kept in a small LRU cache.
+        """
+        if not self.mask_padding:
+            return None
+        key = (hw[0], hw[1], device)
+        if key in self._mask_cache:
+            self._mask_cache.move_to_end(key)
+            return self._mask_cache[key]
+        ws = self.window_size
+        valid = torch.ones(1, hw[0], hw[1], 1, dtype=torch.bool, device=device)
+        valid, (pad_h, pad_w) = pad_to_multiple(valid, ws, channels_last=True)
+        mask = None
+        if pad_h or pad_w:
+            mask = ~window_partition(valid, ws).reshape(-1, ws * ws)
+        self._mask_cache[key] = mask
+        if len(self._mask_cache) > self._MASK_CACHE_SIZE:
+            self._mask_cache.popitem(last=False)
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` to ``(B, C, H', W')``."""
+        x = self.downsample(x)
+        q_global = self.global_block(x)
+        key_padding = self.key_padding_mask((x.shape[-2], x.shape[-1]), x.device)
+        x = x.permute(0, 2, 3, 1)
+        for blk in self.blocks:
+            x = blk(x, q_global, key_padding)
+        return self.norm(x).permute(0, 3, 1, 2).contiguous()
+
+
+class GCViT(PyramidBackbone):
+    """GC ViT as a detectron2 backbone producing ``res2``-``res5`` (strides 4-32).
+
+    Args:
+        embed_dim: channels of the first stage (doubled in each later stage).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        mlp_ratio: MLP expansion.
+        layer_scale: initial layer-scale value (small / base), or None.
+        window_sizes: window side of each stage at run time; None = the
+            ImageNet windows (exact classifier behaviour at 224). Detection
+            configs use 24 in every stage.
+        pretrain_window_sizes: the ImageNet windows, which fix the shapes of
+            the relative position tables and the query generators.
+        mask_padding: exclude window padding from the attention keys (the
+            official detection code does not).
+        qkv_bias: bias on the ``qkv`` projections.
+        in_chans: image channels.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        out_features: levels to return.
+        output_norm: extra LayerNorm on each returned level.
+        freeze_at: see :class:`~.base.PyramidBackbone`.
+    """
+
+    def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (3, 4, 19, 5),
+                 num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 3.0,
+                 layer_scale: Optional[float] = None, window_sizes: Optional[Sequence[int]] = None,
+                 pretrain_window_sizes: Sequence[int] = IMAGENET_WINDOW_SIZES, mask_padding: bool = False,
+                 qkv_bias: bool = True, in_chans: int = 3, drop_path_rate: float = 0.1,
+                 out_features: Optional[Sequence[str]] = None, output_norm: bool = False, freeze_at: int = 0):
+        super().__init__()
+        pretrain_window_sizes = tuple(int(w) for w in pretrain_window_sizes)
+        window_sizes = pretrain_window_sizes if window_sizes is None else tuple(int(w) for w in window_sizes)
+        if len(window_sizes) != 4 or min(window_sizes) < 1:
+            raise ValueError(f"GCViT: window_sizes must be 4 positive ints (one per stage), got {window_sizes}")
+        if len(depths) != 4 or len(num_heads) != 4 or len(pretrain_window_sizes) != 4:
+            raise ValueError("GCViT: depths, num_heads and pretrain_window_sizes need one entry per stage (4)")
+        self.window_sizes = window_sizes
+        self.pool_steps = global_query_pool_steps(window_sizes)
+        query_convs = tuple(max(1, s) for s in global_query_pool_steps(pretrain_window_sizes))
+        dims = [embed_dim * 2 ** i for i in range(4)]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+
+        self.stem = Stem(in_chans, embed_dim)
+        self.stages = nn.Sequential(*[
+            GCViTStage(
+                in_dim=dims[max(i - 1, 0)], dim=dims[i], depth=depths[i], num_heads=num_heads[i],
+                window_size=window_sizes[i], pretrain_window_size=pretrain_window_sizes[i],
+                num_query_convs=max(query_convs[i], self.pool_steps[i]), pool_steps=self.pool_steps[i],
+                downsample=i > 0, stage_norm=i == 3, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                layer_scale=layer_scale, drop_path=dpr[i], mask_padding=mask_padding)
+            for i in range(4)
+        ])
+        self._init_pyramid(
+            channels=dict(zip(STAGE_NAMES, dims)),
+            strides=dict(zip(STAGE_NAMES, STAGE_STRIDES)),
+            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at, min_input_size=1)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        """``MODEL.PVT_D2.GCVIT.WINDOW_SIZES``: four window sides, or ``[]`` for the ImageNet windows."""
+        windows = list(cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES)
+        return {"window_sizes": windows or None}
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        return [self.stem] + list(self.stages[:max(min(freeze_at - 1, 4), 0)])
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        last = max(STAGE_NAMES.index(n) for n in needed)
+        x = self.stem(x)
+        out = {}
+        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
+            x = stage(x)
+            out[name] = x
+        return out
+
+
+_SMALL = dict(depths=(3, 4, 19, 5), mlp_ratio=2.0, layer_scale=1e-5)
+GCVIT_ARCHS = {
+    "gcvit_xxtiny": dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
+    "gcvit_xtiny": dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16)),
+    "gcvit_tiny": dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16)),
+    "gcvit_small": dict(_SMALL, embed_dim=96, num_heads=(3, 6, 12, 24)),
+    "gcvit_base": dict(_SMALL, embed_dim=128, num_heads=(4, 8, 16, 32)),
+}
+register_architectures("gcvit", GCViT, GCVIT_ARCHS)

@@ -1,0 +1,609 @@
+"""LeViT: a Vision Transformer in ConvNet's Clothing (Graham et al., 2021) for dense prediction.
+
+Architecture (as in the paper): a stem of four 3x3 stride-2 convolutions, each
+followed by BatchNorm, with Hardswish between them (channels C/8, C/4, C/2, C;
+stride 16), then three stages of transformer blocks on the token map. Every
+projection is a bias-free Linear followed by BatchNorm. A block is a residual
+multi-head attention (key dim ``D``, value dim ``2D`` per head, Hardswish
+before the output projection) and a residual MLP (ratio 2). Instead of a
+position embedding each attention layer learns one bias per head and per
+query-key offset ``(|dy|, |dx|)``. Stages 2 and 3 start with a *shrink*
+attention: queries come from the map subsampled by 2, keys and values from
+the full map (``C_i / D`` heads, value dim ``4D``), followed by a residual MLP.
+
+Pyramid: ``res2`` (stride 4, C/4 channels) is the stem activation after the
+second conv, ``res3`` (stride 8, C/2) the one after the third, ``res4``
+(stride 16), ``res5`` (stride 32) and ``res6`` (stride 64) are the outputs of
+stages 1, 2 and 3. Stage 3 only runs when ``res6`` is requested.
+
+Any input size: the padded stride-2 convs give ``ceil(H / 2^k)`` rows, and
+the shrink attention subsamples every other token starting with the first
+(``ceil(n / 2)`` queries per side, which is 14 -> 7 -> 4 at 224). The bias
+tables stay those learned on the pretraining grid of side ``R`` (14, 7 and 4
+for the blocks of stages 1-3; 14 and 7 for the two shrink attentions), used
+in one of two ways (``attn_mode``):
+
+* ``"window"``: the map is zero-padded to a multiple of ``R`` and cut into
+  ``R x R`` tiles; attention stays inside a tile, padded keys are masked out,
+  so every bias is used for exactly the offset it was learned for. A shrink
+  query attends to the key tile containing its (even) position; with an even
+  ``R`` every tile holds ``R / 2`` queries per side, with an odd ``R`` (7)
+  tiles alternately hold 4 and 3 queries per side (at local positions
+  0, 2, 4, 6 or 1, 3, 5), each still with its true offsets.
+* ``"global"``: attention over the whole map; an offset beyond the table is
+  clamped per axis to the largest learned one (``min(|dy|, R - 1)``).
+
+On the pretraining grid (224 input) both modes are the classifier exactly.
+The per-grid offset indices are built once per grid, device and layer
+geometry (:func:`tile_geometry`, an LRU cache keyed by the grid); each forward
+only gathers the current bias values with them.
+
+BatchNorm: ``norm="FrozenBN"`` (default, detection) fixes the statistics and
+affine parameters, ``"BN"`` keeps plain BatchNorm, ``"SyncBN"`` synchronizes
+it across processes. Module names follow timm's linear ``levit_*`` models;
+their checkpoints load after dropping ``head.*`` and ``head_dist.*``.
+"""
+import functools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from timm.layers import DropPath
+from torch import nn
+
+from .base import PyramidBackbone
+from .layers import pad_to_multiple, window_partition, window_unpartition
+from .registry import register_architectures
+
+__all__ = [
+    "FrozenBatchNorm1d",
+    "convert_batchnorm",
+    "TileGeometry",
+    "tile_geometry",
+    "LevitAttention",
+    "ShrinkAttention",
+    "LevitBackbone",
+]
+
+LEVEL_NAMES = ("res2", "res3", "res4", "res5", "res6")
+ATTN_MODES = ("window", "global")
+NORMS = ("FrozenBN", "BN", "SyncBN")
+
+
+# ---------------------------------------------------------------------------
+# Batch norm handling
+# ---------------------------------------------------------------------------
+class FrozenBatchNorm1d(FrozenBatchNorm2d):
+    """Frozen BatchNorm over the channels of ``(N, C)`` rows (the tokens of :class:`LinearBN`).
+
+    Same buffers and state-dict keys as :class:`torch.nn.BatchNorm1d`; only
+    the broadcasting differs from detectron2's ``FrozenBatchNorm2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype) + shift.to(x.dtype)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm1d) -> "FrozenBatchNorm1d":
+        """A frozen copy of ``bn`` (its affine parameters and running statistics)."""
+        frozen = cls(bn.num_features, eps=bn.eps)
+        if bn.affine:
+            frozen.weight.data = bn.weight.detach().clone()
+            frozen.bias.data = bn.bias.detach().clone()
+        frozen.running_mean.data = bn.running_mean.data
+        frozen.running_var.data = bn.running_var.data
+        frozen.num_batches_tracked = bn.num_batches_tracked
+        return frozen
+
+    def __repr__(self) -> str:
+        return f"FrozenBatchNorm1d(num_features={self.num_features}, eps={self.eps})"
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(module, name, FrozenBatchNorm1d.from_batchnorm(child))
+        elif isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d.convert_frozen_batchnorm(child))
+        else:
+            _freeze_batchnorm(child)
+
+
+def convert_batchnorm(module: nn.Module, norm: str) -> nn.Module:
+    """Turn the BatchNorm1d/2d layers inside ``module`` into the requested kind, in place.
+
+    Args:
+        module: a module whose batch norms are plain ``nn.BatchNorm1d/2d``.
+        norm: ``"BN"`` (unchanged), ``"SyncBN"`` (``nn.SyncBatchNorm``) or
+            ``"FrozenBN"`` (:class:`FrozenBatchNorm1d` / detectron2's
+            ``FrozenBatchNorm2d``). The state-dict keys stay the same.
+
+    Returns:
+        ``module``.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"LeViT norm must be one of {NORMS}, got '{norm}'")
+    if norm == "FrozenBN":
+        _freeze_batchnorm(module)
+    elif norm == "SyncBN":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
+class ConvBN(nn.Module):
+    """Bias-free convolution followed by BatchNorm2d."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 3, stride: int = 2,
+                 padding: int = 1):
+        super().__init__()
+        self.linear = nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.linear(x))
+
+
+class LinearBN(nn.Module):
+    """Bias-free Linear on the last dim followed by BatchNorm over all tokens.
+
+    Args:
+        in_features: input channels.
+        out_features: output channels.
+        bn_weight_init: initial BatchNorm scale (0 makes a residual branch
+            start as the identity).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(out_features)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------
+# Attention geometry: which key each query sees and with which table offset
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where the queries and keys of one attention layer sit on a given grid.
+
+    The key map (``H x W``, channels-last) is split into ``tiles`` of ``span``
+    positions (the whole map in global mode). Each tile owns ``slots`` query
+    positions; ``offset_y`` / ``offset_x`` give the bias-table row / column of
+    every (tile, query slot, key) triple per axis.
+
+    Attributes:
+        tiles: tile count ``(rows, cols)``.
+        span: tile size ``(rows, cols)``, i.e. keys per tile and axis.
+        slots: query slots per tile ``(rows, cols)``.
+        offset_y: ``(T_y, slots_y, span_y)`` table rows; ``T_y`` is 1 when all
+            tiles share the same layout.
+        offset_x: ``(T_x, slots_x, span_x)`` table columns.
+        key_mask: additive ``(tiles, 1, 1, keys)`` mask, ``-inf`` on padded keys;
+            ``None`` without padding.
+        slot_source: for each query slot (tile-major), the index of its query
+            in the flattened query grid; ``None`` when slots are the queries in
+            grid order.
+        query_slot: for each query of the flattened query grid, its slot;
+            ``None`` in the same case.
+    """
+
+    tiles: Tuple[int, int]
+    span: Tuple[int, int]
+    slots: Tuple[int, int]
+    offset_y: torch.Tensor
+    offset_x: torch.Tensor
+    key_mask: Optional[torch.Tensor]
+    slot_source: Optional[torch.Tensor]
+    query_slot: Optional[torch.Tensor]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tiles[0] * self.tiles[1]
+
+
+def _axis_layout(length: int, table: int, stride: int, windowed: bool, device: torch.device):
+    """Geometry along one axis of ``length`` keys; see :class:`TileGeometry`.
+
+    Queries sit at key positions ``0, stride, 2 * stride, ...``. Returns
+    ``(num_tiles, span, slots, query_tile, query_slot, offsets, key_valid)``,
+    ``key_valid`` being ``None`` when no key is padding.
+    """
+    query_pos = torch.arange(0, length, stride, device=device)
+    keys = torch.arange(length if not windowed else table, device=device)
+    if not windowed:
+        offsets = (query_pos[:, None] - keys[None, :]).abs().clamp_(max=table - 1)
+        tile = torch.zeros_like(query_pos)
+        return 1, length, len(query_pos), tile, torch.arange(len(query_pos), device=device), offsets[None], None
+    num_tiles = math.ceil(length / table)
+    slots = math.ceil(table / stride)
+    tile = torch.div(query_pos, table, rounding_mode="floor")
+    first_query = torch.div(tile * table + stride - 1, stride, rounding_mode="floor")
+    slot = torch.arange(len(query_pos), device=device) - first_query
+    local = torch.zeros(num_tiles, slots, dtype=torch.long, device=device)
+    local[tile, slot] = query_pos - tile * table
+    offsets = (local[:, :, None] - keys[None, None, :]).abs()
+    if table % stride == 0:  # every tile has the same query layout
+        offsets = offsets[:1]
+    key_valid = torch.arange(num_tiles * table, device=device).view(num_tiles, table) < length
+    return num_tiles, table, slots, tile, slot, offsets, (None if bool(key_valid.all()) else key_valid)
+
+
+@functools.lru_cache(maxsize=256)
+def tile_geometry(grid: Tuple[int, int], table: int, stride: int, windowed: bool,
+                  device: torch.device) -> TileGeometry:
+    """The (cached) :class:`TileGeometry` of a layer on a ``grid`` of keys.
+
+    Args:
+        grid: key map size ``(H, W)``.
+        table: side ``R`` of the learned bias table (the pretraining grid).
+        stride: 1 for self-attention, 2 for shrink attention.
+        windowed: ``R x R`` tiles (window mode) or the whole map (global mode).
+        device: where the index tensors live.
+    """
+    ty, sy, qy, tile_y, slot_y, off_y, valid_y = _axis_layout(grid[0], table, stride, windowed, device)
+    tx, sx, qx, tile_x, slot_x, off_x, valid_x = _axis_layout(grid[1], table, stride, windowed, device)
+    key_mask = None
+    if valid_y is not None or valid_x is not None:
+        vy = valid_y if valid_y is not None else torch.ones(ty, sy, dtype=torch.bool, device=device)
+        vx = valid_x if valid_x is not None else torch.ones(tx, sx, dtype=torch.bool, device=device)
+        valid = (vy[:, None, :, None] & vx[None, :, None, :]).reshape(ty * tx, 1, 1, sy * sx)
+        key_mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
+    slot_source = query_slot = None
+    if windowed and stride > 1:
+        tile = tile_y[:, None] * tx + tile_x[None, :]
+        query_slot = ((tile * qy + slot_y[:, None]) * qx + slot_x[None, :]).flatten()
+        slot_source = torch.zeros(ty * tx * qy * qx, dtype=torch.long, device=device)
+        slot_source[query_slot] = torch.arange(len(query_slot), device=device)
+    return TileGeometry((ty, tx), (sy, sx), (qy, qx), off_y, off_x, key_mask, slot_source, query_slot)
+
+
+# ---------------------------------------------------------------------------
+# Attention layers
+# ---------------------------------------------------------------------------
+class _OffsetBiasAttention(nn.Module):
+    """Shared part of the two attentions: the bias table, tiling and the attention itself.
+
+    Args:
+        num_heads: attention heads.
+        key_dim: query/key channels per head.
+        table_size: side ``R`` of the key grid the biases were learned on.
+        stride: query subsampling (1 or 2).
+        attn_mode: ``"window"`` or ``"global"`` (see the module docstring).
+    """
+
+    def __init__(self, num_heads: int, key_dim: int, table_size: int, stride: int, attn_mode: str):
+        super().__init__()
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f"LeViT attn_mode must be one of {ATTN_MODES}, got '{attn_mode}'")
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.scale = key_dim ** -0.5
+        self.table_size = table_size
+        self.stride = stride
+        self.attn_mode = attn_mode
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
+
+    def geometry(self, grid: Tuple[int, int], device: torch.device) -> TileGeometry:
+        """The cached geometry of this layer on a key ``grid``."""
+        return tile_geometry(tuple(grid), self.table_size, self.stride, self.attn_mode == "window", device)
+
+    def attention_mask(self, geo: TileGeometry) -> torch.Tensor:
+        """Additive mask ``(tiles or 1, heads, queries, keys)``: biases plus key padding."""
+        table = self.attention_biases.view(self.num_heads, self.table_size, self.table_size)
+        oy, ox = geo.offset_y, geo.offset_x
+        bias = table[:, oy[:, None, :, None, :, None], ox[None, :, None, :, None, :]]
+        h, t_y, t_x, q_y, q_x, k_y, k_x = bias.shape
+        bias = bias.reshape(h, t_y * t_x, q_y * q_x, k_y * k_x).transpose(0, 1)
+        if geo.key_mask is not None:
+            bias = bias + geo.key_mask
+        return bias
+
+    def to_tiles(self, x: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
+        """``(B, H, W, C)`` map to ``(B, tiles, keys per tile, C)``, padded in window mode."""
+        b, h, w, c = x.shape
+        if self.attn_mode == "global":
+            return x.reshape(b, 1, h * w, c)
+        x, _ = pad_to_multiple(x, self.table_size, channels_last=True)
+        return window_partition(x, self.table_size).reshape(b, geo.num_tiles, -1, c)
+
+    def from_tiles(self, x: torch.Tensor, geo: TileGeometry, hw: Tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`to_tiles`, cropping the padding."""
+        b, c, r = x.shape[0], x.shape[-1], self.table_size
+        if self.attn_mode == "global":
+            return x.reshape(b, hw[0], hw[1], c)
+        padded = (geo.tiles[0] * r, geo.tiles[1] * r)
+        x = window_unpartition(x.reshape(-1, r, r, c), r, padded)
+        return x[:, :hw[0], :hw[1]]
+
+    def split_heads(self, x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+        """``(B, T, N, heads * sum(sizes))`` to per-head ``(B, T, heads, N, size)`` pieces."""
+        b, t, n, _ = x.shape
+        parts = x.view(b, t, n, self.num_heads, -1).split(list(sizes), dim=-1)
+        return [p.permute(0, 1, 3, 2, 4) for p in parts]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
+        """Biased attention per tile; returns ``(B, T, queries, heads * value_dim)``."""
+        mask = self.attention_mask(geo).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        b, t, _, n, _ = out.shape
+        return out.permute(0, 1, 3, 2, 4).reshape(b, t, n, -1)
+
+
+class LevitAttention(_OffsetBiasAttention):
+    """LeViT self-attention with learned offset biases on a ``(B, H, W, C)`` map.
+
+    Args:
+        dim: token channels.
+        key_dim: query/key channels per head.
+        num_heads: attention heads.
+        attn_ratio: value channels per head as a multiple of ``key_dim``.
+        table_size: side of the pretraining token grid.
+        attn_mode: ``"window"`` or ``"global"``.
+    """
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, table_size: int,
+                 attn_mode: str = "window"):
+        super().__init__(num_heads, key_dim, table_size, 1, attn_mode)
+        self.val_dim = int(attn_ratio * key_dim)
+        self.qkv = LinearBN(dim, num_heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Sequential(OrderedDict([
+            ("act", nn.Hardswish()),
+            ("ln", LinearBN(num_heads * self.val_dim, dim, bn_weight_init=0.0)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hw = (x.shape[1], x.shape[2])
+        geo = self.geometry(hw, x.device)
+        qkv = self.to_tiles(self.qkv(x), geo)
+        q, k, v = self.split_heads(qkv, (self.key_dim, self.key_dim, self.val_dim))
+        out = self.from_tiles(self.attend(q, k, v, geo), geo, hw)
+        return self.proj(out)
+
+
+class StridedQuery(nn.Module):
+    """Query projection of the shrink attention: subsample the map by ``stride``, then Linear+BN.
+
+    Keeps rows/columns ``0, stride, 2 * stride, ...``: ``ceil(n / stride)`` per side.
+    """
+
+    def __init__(self, dim: int, out_dim: int, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+        self.ln = LinearBN(dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x[:, ::self.stride, ::self.stride])
+
+
+class ShrinkAttention(_OffsetBiasAttention):
+    """LeViT's subsampling attention: ``ceil(H/2) x ceil(W/2)`` queries attend to the ``H x W`` map.
+
+    Args:
+        in_dim: input channels.
+        out_dim: output channels.
+        key_dim: query/key channels per head.
+        num_heads: attention heads.
+        attn_ratio: value channels per head as a multiple of ``key_dim``.
+        table_size: side of the pretraining key grid.
+        attn_mode: ``"window"`` or ``"global"``.
+        stride: query subsampling.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float,
+                 table_size: int, attn_mode: str = "window", stride: int = 2):
+        super().__init__(num_heads, key_dim, table_size, stride, attn_mode)
+        self.val_dim = int(attn_ratio * key_dim)
+        self.kv = LinearBN(in_dim, num_heads * (key_dim + self.val_dim))
+        self.q = StridedQuery(in_dim, num_heads * key_dim, stride)
+        self.proj = nn.Sequential(OrderedDict([
+            ("act", nn.Hardswish()),
+            ("ln", LinearBN(num_heads * self.val_dim, out_dim)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        geo = self.geometry((x.shape[1], x.shape[2]), x.device)
+        k, v = self.split_heads(self.to_tiles(self.kv(x), geo), (self.key_dim, self.val_dim))
+        q = self.q(x)
+        b, hq, wq, c = q.shape
+        q = q.reshape(b, hq * wq, c)
+        if geo.slot_source is not None:
+            q = q[:, geo.slot_source]
+        (q,) = self.split_heads(q.reshape(b, geo.num_tiles, -1, c), (self.key_dim,))
+        out = self.attend(q, k, v, geo).reshape(b, -1, self.num_heads * self.val_dim)
+        if geo.query_slot is not None:
+            out = out[:, geo.query_slot]
+        return self.proj(out.reshape(b, hq, wq, -1))
+
+
+# ---------------------------------------------------------------------------
+# Blocks, stages, stem
+# ---------------------------------------------------------------------------
+class LevitMlp(nn.Module):
+    """Linear+BN, Hardswish, Linear+BN (last BN scale starts at 0)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.ln1 = LinearBN(dim, hidden_dim)
+        self.act = nn.Hardswish()
+        self.ln2 = LinearBN(hidden_dim, dim, bn_weight_init=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln2(self.act(self.ln1(x)))
+
+
+class LevitBlock(nn.Module):
+    """Residual attention then residual MLP on a ``(B, H, W, C)`` map."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, mlp_ratio: float,
+                 table_size: int, attn_mode: str, drop_path: float = 0.0):
+        super().__init__()
+        self.attn = LevitAttention(dim, key_dim, num_heads, attn_ratio, table_size, attn_mode)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = LevitMlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(x))
+        return x + self.drop_path2(self.mlp(x))
+
+
+class ShrinkBlock(nn.Module):
+    """Shrink attention (no residual: the shape changes) then a residual MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float,
+                 mlp_ratio: float, table_size: int, attn_mode: str, drop_path: float = 0.0):
+        super().__init__()
+        self.attn_downsample = ShrinkAttention(in_dim, out_dim, key_dim, num_heads, attn_ratio,
+                                               table_size, attn_mode)
+        self.mlp = LevitMlp(out_dim, int(out_dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn_downsample(x)
+        return x + self.drop_path(self.mlp(x))
+
+
+class LevitStage(nn.Module):
+    """Optional shrink block followed by ``depth`` LeViT blocks."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class LevitStem(nn.Sequential):
+    """Four 3x3 stride-2 Conv+BN layers (C/8, C/4, C/2, C) with Hardswish between them."""
+
+    def __init__(self, in_chans: int, dim: int):
+        chans = [in_chans, dim // 8, dim // 4, dim // 2, dim]
+        layers = OrderedDict()
+        for i in range(4):
+            layers[f"conv{i + 1}"] = ConvBN(chans[i], chans[i + 1])
+            if i < 3:
+                layers[f"act{i + 1}"] = nn.Hardswish()
+        super().__init__(layers)
+
+    def forward_taps(self, x: torch.Tensor, taps: Dict[str, str], last: str) -> Dict[str, torch.Tensor]:
+        """Run up to layer ``last``; return the outputs of the layers in ``taps`` (layer -> name)."""
+        out = {}
+        for layer_name, layer in self.named_children():
+            x = layer(x)
+            if layer_name in taps:
+                out[taps[layer_name]] = x
+            if layer_name == last:
+                break
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------
+class LevitBackbone(PyramidBackbone):
+    """LeViT as a detectron2 backbone (``res2``-``res5``, optionally ``res6``).
+
+    Args:
+        embed_dims: channels of the three transformer stages.
+        key_dim: query/key channels per head ``D``.
+        num_heads: heads of the blocks of each stage.
+        depths: blocks per stage.
+        attn_ratio: value/key channel ratio in the blocks.
+        mlp_ratio: MLP hidden ratio in the blocks.
+        down_attn_ratio: value/key channel ratio of the shrink attentions.
+        down_mlp_ratio: MLP hidden ratio after the shrink attentions.
+        pretrain_img_size: image side the bias tables were learned for (224
+            gives token grids 14, 7, 4).
+        in_chans: image channels.
+        out_features: returned levels among ``res2``-``res6``.
+        drop_path_rate: stochastic depth of the last residual branch, linearly
+            increasing from 0 over all blocks (shrink blocks included).
+        output_norm: add a LayerNorm on each returned level.
+        freeze_at: see :class:`PyramidBackbone`; ``res2`` and ``res3`` come from
+            the stem, so 1-3 freeze the stem, 4-6 also stages 1-3.
+        attn_mode: ``"window"`` or ``"global"`` (module docstring).
+        norm: ``"FrozenBN"``, ``"BN"`` or ``"SyncBN"``.
+    """
+
+    def __init__(self, embed_dims: Sequence[int] = (128, 256, 384), key_dim: int = 16,
+                 num_heads: Sequence[int] = (4, 6, 8), depths: Sequence[int] = (2, 3, 4),
+                 attn_ratio: float = 2.0, mlp_ratio: float = 2.0, down_attn_ratio: float = 4.0,
+                 down_mlp_ratio: float = 2.0, pretrain_img_size: int = 224, in_chans: int = 3,
+                 out_features: Optional[Sequence[str]] = None, drop_path_rate: float = 0.0,
+                 output_norm: bool = False, freeze_at: int = 0, attn_mode: str = "window",
+                 norm: str = "FrozenBN"):
+        super().__init__()
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f"LeViT attn_mode must be one of {ATTN_MODES}, got '{attn_mode}'")
+        if norm not in NORMS:
+            raise ValueError(f"LeViT norm must be one of {NORMS}, got '{norm}'")
+        self.attn_mode = attn_mode
+        self.stem = LevitStem(in_chans, embed_dims[0])
+
+        num_branches = sum(depths) + len(depths) - 1
+        rates = iter(torch.linspace(0, drop_path_rate, num_branches).tolist())
+        grid = math.ceil(pretrain_img_size / 16)
+        stages = []
+        for i, (dim, depth, heads) in enumerate(zip(embed_dims, depths, num_heads)):
+            downsample = None
+            if i > 0:
+                downsample = ShrinkBlock(embed_dims[i - 1], dim, key_dim, embed_dims[i - 1] // key_dim,
+                                         down_attn_ratio, down_mlp_ratio, grid, attn_mode, next(rates))
+                grid = math.ceil(grid / 2)
+            blocks = [LevitBlock(dim, key_dim, heads, attn_ratio, mlp_ratio, grid, attn_mode, next(rates))
+                      for _ in range(depth)]
+            stages.append(LevitStage(downsample, blocks))
+        self.stages = nn.ModuleList(stages)
+        convert_batchnorm(self, norm)
+
+        c = embed_dims[0]
+        channels = {"res2": c // 4, "res3": c // 2, "res4": c, "res5": embed_dims[1], "res6": embed_dims[2]}
+        strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32, "res6": 64}
+        self._init_pyramid(channels, strides, out_features, output_norm, freeze_at)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, str]:
+        """``attn_mode`` and ``norm`` from ``MODEL.PVT_D2.LEVIT``."""
+        return {"attn_mode": cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE, "norm": cfg.MODEL.PVT_D2.LEVIT.NORM}
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        return [self.stem] + list(self.stages[:max(min(freeze_at - 3, len(self.stages)), 0)])
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        last = max(LEVEL_NAMES.index(n) for n in needed)
+        out = self.stem.forward_taps(x, {"act2": "res2", "act3": "res3"}, "act2" if last == 0 else "act3")
+        if last < 2:
+            return out
+        x = self.stem.conv4(out["res3"]).permute(0, 2, 3, 1)
+        for name, stage in zip(LEVEL_NAMES[2:last + 1], self.stages):
+            x = stage(x)
+            out[name] = x.permute(0, 3, 1, 2).contiguous()
+        return out
+
+
+LEVIT_ARCHS = {
+    "levit_128s": dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depths=(2, 3, 4)),
+    "levit_128": dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depths=(4, 4, 4)),
+    "levit_192": dict(embed_dims=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depths=(4, 4, 4)),
+    "levit_256": dict(embed_dims=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depths=(4, 4, 4)),
+    "levit_384": dict(embed_dims=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depths=(4, 4, 4),
+                      drop_path_rate=0.1),
+}
+
+register_architectures("levit", LevitBackbone, LEVIT_ARCHS)

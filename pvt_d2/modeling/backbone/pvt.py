@@ -1,0 +1,240 @@
+"""PVT v1: Pyramid Vision Transformer (Wang et al., ICCV 2021).
+
+Four stages, each a non-overlapping patch embedding (a conv with
+kernel = stride = 4 in the first stage and 2 afterwards, then LayerNorm), a
+learned absolute position embedding and transformer blocks whose attention is
+spatial-reduction attention (SRA, :class:`~.layers.SpatialReductionAttention`):
+keys and values come from the map shrunk by ``sr_ratio`` (8, 4, 2, 1).
+
+Any input size: the input of each patch embedding is zero-padded on the
+bottom/right to a multiple of the patch size, so stage ``i`` has exactly
+``ceil(H / stride_i)`` x ``ceil(W / stride_i)`` tokens. The position
+embeddings keep the shape they were trained with at 224 px (56x56, 28x28,
+14x14 and 7x7 tokens, plus a class-token slot in stage 4) and are resized
+bilinearly to the current grid on every forward; the class-token slot is
+dropped because detection has no class token.
+
+The block (:class:`PVTBlock`) is also PVT v2's and Twins PCPVT's, with the
+MLP variant selected by arguments.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from .base import PyramidBackbone
+from .layers import SpatialReductionAttention, map_to_tokens, pad_to_multiple, resize_pos_embed, tokens_to_map
+from .registry import register_architectures
+
+__all__ = ["PVTBlock", "PatchEmbed", "PyramidVisionTransformer", "drop_path_rates"]
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[float]]:
+    """Per-block stochastic-depth rates rising linearly from 0 to ``drop_path_rate``, split by stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    out, start = [], 0
+    for d in depths:
+        out.append(rates[start:start + d])
+        start += d
+    return out
+
+
+class Mlp(nn.Module):
+    """Token MLP: fc1, GELU, fc2; optionally PVT v2's 3x3 depthwise conv after fc1.
+
+    Args:
+        dim: input and output channels.
+        hidden_dim: hidden channels.
+        dwconv: insert a 3x3 depthwise conv (with the token grid) after fc1.
+        extra_relu: a ReLU after fc1 (PVT v2 "li" variants).
+        drop: dropout after the activation and after fc2.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, dwconv: bool = False, extra_relu: bool = False, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim) if dwconv else None
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = self.relu(self.fc1(x))
+        if self.dwconv is not None:
+            x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class PVTBlock(nn.Module):
+    """Pre-norm transformer block with spatial-reduction attention.
+
+    Args:
+        dim: token channels.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden size relative to ``dim``.
+        sr_ratio: spatial reduction ratio of the attention.
+        drop_path: stochastic depth rate of this block.
+        linear: PVT v2 "li" attention (pooling reduction) and MLP ReLU.
+        dwconv: PVT v2 MLP with a depthwise conv.
+        norm_eps: epsilon of the two block LayerNorms.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, drop_path: float = 0.0,
+                 linear: bool = False, dwconv: bool = False, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio=sr_ratio, linear=linear)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dwconv=dwconv, extra_relu=linear)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding: pad to a multiple of the patch, strided conv, LayerNorm.
+
+    Returns tokens ``(B, N, C)`` and their grid size.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x, _ = pad_to_multiple(x, self.patch_size)
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(map_to_tokens(x)), hw
+
+
+class AbsolutePositionEmbedding(nn.Module):
+    """A learned position embedding for a fixed grid, resized to any grid on use.
+
+    Args:
+        dim: channels.
+        grid: the grid size it is learned for (at the 224 px pretraining size).
+        num_prefix_tokens: extra leading slots (PVT's stage-4 class token), kept
+            so that ImageNet checkpoints load, and ignored in the forward.
+    """
+
+    def __init__(self, dim: int, grid: Tuple[int, int], num_prefix_tokens: int = 0):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.weight = nn.Parameter(torch.zeros(1, num_prefix_tokens + grid[0] * grid[1], dim))
+        trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        return x + resize_pos_embed(self.weight, self.grid, hw, self.num_prefix_tokens)
+
+
+class PVTStage(nn.Module):
+    """Patch embedding, position embedding and the blocks of one PVT stage."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, pos_grid: Tuple[int, int], num_prefix_tokens: int,
+                 blocks: List[nn.Module], drop_rate: float = 0.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
+        self.pos_embed = AbsolutePositionEmbedding(dim, pos_grid, num_prefix_tokens)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self.patch_embed(x)
+        x = self.pos_drop(self.pos_embed(x, hw))
+        for blk in self.blocks:
+            x = blk(x, hw)
+        return tokens_to_map(x, hw)
+
+
+class PyramidVisionTransformer(PyramidBackbone):
+    """PVT v1 as a detectron2 backbone producing ``res2``-``res5``.
+
+    Args:
+        embed_dims: channels of the four stages.
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        mlp_ratios: MLP expansion per stage.
+        sr_ratios: spatial-reduction ratio per stage.
+        in_chans: image channels.
+        pretrain_img_size: image size the position embeddings were learned at.
+        drop_rate: dropout after the position embedding.
+        drop_path_rate: stochastic depth of the last block.
+        out_features: levels to return.
+        output_norm: LayerNorm on each returned level.
+        freeze_at: see :class:`~.base.PyramidBackbone`.
+    """
+
+    def __init__(self, embed_dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 6, 3),
+                 num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), in_chans: int = 3, pretrain_img_size: int = 224,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 out_features: Optional[Sequence[str]] = None, output_norm: bool = False, freeze_at: int = 0):
+        super().__init__()
+        dpr = drop_path_rates(depths, drop_path_rate)
+        stages, prev, stride = [], in_chans, 1
+        for i in range(4):
+            patch = 4 if i == 0 else 2
+            stride *= patch
+            grid = (pretrain_img_size // stride, pretrain_img_size // stride)
+            blocks = [PVTBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], drop_path=dpr[i][j])
+                      for j in range(depths[i])]
+            stages.append(PVTStage(prev, embed_dims[i], patch, grid, 1 if i == 3 else 0, blocks, drop_rate))
+            prev = embed_dims[i]
+        self.stages = nn.ModuleList(stages)
+        self.apply(_init_weights)
+        self._init_pyramid(
+            channels=dict(zip(STAGE_NAMES, embed_dims)),
+            strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),
+            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        modules = [self.stages[0].patch_embed, self.stages[0].pos_embed]
+        for i in range(min(freeze_at - 1, 4)):
+            modules.append(self.stages[i])
+            if i + 1 < 4:
+                modules += [self.stages[i + 1].patch_embed, self.stages[i + 1].pos_embed]
+        return modules
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        last = max(STAGE_NAMES.index(n) for n in needed)
+        out = {}
+        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
+            x = stage(x)
+            out[name] = x
+        return out
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Truncated-normal linear weights, zero biases, unit LayerNorms, fan-out conv init."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+PVT_ARCHS = {
+    "pvt_tiny": dict(depths=(2, 2, 2, 2)),
+    "pvt_small": dict(depths=(3, 4, 6, 3)),
+    "pvt_medium": dict(depths=(3, 4, 18, 3)),
+    "pvt_large": dict(depths=(3, 8, 27, 3)),
+}
+register_architectures("pvt", PyramidVisionTransformer, PVT_ARCHS)

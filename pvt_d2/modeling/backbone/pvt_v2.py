@@ -1,0 +1,123 @@
+"""PVT v2: Improved Baselines with Pyramid Vision Transformer (Wang et al., 2022).
+
+Differences from PVT v1 (:mod:`.pvt`): overlapping patch embeddings (a 7x7
+stride-4 conv, then 3x3 stride-2 convs, each padded by half the kernel, then
+LayerNorm), no position embedding (a 3x3 depthwise conv in every MLP gives
+the position information instead), and a LayerNorm closing each stage. The
+"li" variants use linear spatial-reduction attention (average pooling to 7x7).
+
+Any input size: the padded convolutions already give stage ``i`` exactly
+``ceil(H / stride_i)`` x ``ceil(W / stride_i)`` tokens and nothing depends on
+the grid, so no resizing is needed. Module names follow timm's ``pvt_v2``,
+whose checkpoints load after dropping the classifier head.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import PyramidBackbone
+from .layers import map_to_tokens, tokens_to_map
+from .pvt import STAGE_NAMES, PVTBlock, _init_weights, drop_path_rates
+from .registry import register_architectures
+
+__all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with ``kernel // 2`` padding, then LayerNorm; returns a ``(B, C, H, W)`` map."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).permute(0, 2, 3, 1)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+
+class PVTv2Stage(nn.Module):
+    """Optional downsampling patch embedding, blocks and the closing LayerNorm of one stage."""
+
+    def __init__(self, in_dim: int, dim: int, downsample: bool, blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = OverlapPatchEmbed(in_dim, dim, 3, 2) if downsample else None
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        hw = (x.shape[-2], x.shape[-1])
+        x = map_to_tokens(x)
+        for blk in self.blocks:
+            x = blk(x, hw)
+        return tokens_to_map(self.norm(x), hw)
+
+
+class PyramidVisionTransformerV2(PyramidBackbone):
+    """PVT v2 as a detectron2 backbone producing ``res2``-``res5``.
+
+    Args:
+        embed_dims: channels of the four stages.
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        mlp_ratios: MLP expansion per stage.
+        sr_ratios: spatial-reduction ratio per stage.
+        linear: linear spatial-reduction attention ("li" variants).
+        in_chans: image channels.
+        drop_path_rate: stochastic depth of the last block.
+        out_features: levels to return.
+        output_norm: extra LayerNorm on each returned level (each stage
+            already ends with one).
+        freeze_at: see :class:`~.base.PyramidBackbone`.
+    """
+
+    def __init__(self, embed_dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 6, 3),
+                 num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), linear: bool = False, in_chans: int = 3,
+                 drop_path_rate: float = 0.1, out_features: Optional[Sequence[str]] = None,
+                 output_norm: bool = False, freeze_at: int = 0):
+        super().__init__()
+        dpr = drop_path_rates(depths, drop_path_rate)
+        self.patch_embed = OverlapPatchEmbed(in_chans, embed_dims[0], 7, 4)
+        stages, prev = [], embed_dims[0]
+        for i in range(4):
+            blocks = [PVTBlock(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], drop_path=dpr[i][j],
+                               linear=linear, dwconv=True) for j in range(depths[i])]
+            stages.append(PVTv2Stage(prev, embed_dims[i], downsample=i > 0, blocks=blocks))
+            prev = embed_dims[i]
+        self.stages = nn.ModuleList(stages)
+        self.apply(_init_weights)
+        self._init_pyramid(
+            channels=dict(zip(STAGE_NAMES, embed_dims)),
+            strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),
+            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        modules: List[nn.Module] = [self.patch_embed]
+        modules += list(self.stages[:max(min(freeze_at - 1, 4), 0)])
+        return modules
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        last = max(STAGE_NAMES.index(n) for n in needed)
+        x = self.patch_embed(x)
+        out = {}
+        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
+            x = stage(x)
+            out[name] = x
+        return out
+
+
+_B = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
+PVT_V2_ARCHS = {
+    "pvt_v2_b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), mlp_ratios=(8, 8, 4, 4)),
+    "pvt_v2_b1": dict(_B, depths=(2, 2, 2, 2)),
+    "pvt_v2_b2": dict(_B, depths=(3, 4, 6, 3)),
+    "pvt_v2_b2_li": dict(_B, depths=(3, 4, 6, 3), linear=True),
+    "pvt_v2_b3": dict(_B, depths=(3, 4, 18, 3)),
+    "pvt_v2_b4": dict(_B, depths=(3, 8, 27, 3)),
+    "pvt_v2_b5": dict(_B, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+}
+register_architectures("pvt_v2", PyramidVisionTransformerV2, PVT_V2_ARCHS)

@@ -1,0 +1,359 @@
+"""Twins (PCPVT and SVT) as detectron2 backbones.
+
+Twins revisits the attention of pyramid vision transformers in two ways, both
+built on the four-stage layout of PVT (non-overlapping patch embeddings of
+stride 4, 2, 2, 2, giving ``res2``..``res5`` at strides 4, 8, 16, 32):
+
+* **PCPVT** keeps PVT v1's blocks (every block uses spatial-reduction
+  attention, :class:`~.layers.SpatialReductionAttention`) but drops the
+  absolute position embedding and the class token. Position information comes
+  from a *position encoding generator* (PEG): a 3x3 depthwise convolution with
+  a residual connection, applied once per stage right after its first block.
+* **SVT** alternates two kinds of attention inside each stage: blocks at even
+  indices use *locally-grouped* attention (full attention inside
+  non-overlapping 7x7 windows), blocks at odd indices use *global sub-sampled*
+  attention, which is the same spatial-reduction attention as PCPVT. It has
+  the same PEG after the first block of each stage.
+
+The official detection code of SVT also normalizes the output of every stage
+with a LayerNorm *inside the trunk* (the normalized map is both the returned
+feature and the input of the next stage). This is the ``extra_norm`` option,
+on by default for the SVT variants and off for PCPVT; its modules are named
+``norm_list.{i}`` like the official detection checkpoints. timm's
+``features_only`` Twins has no such norm, so parity with timm is checked with
+``extra_norm=False``.
+
+Any input size: each patch embedding zero-pads its input at the bottom/right
+to a multiple of its patch size before the strided convolution, so stage ``i``
+has exactly ``ceil(H / stride_i)`` x ``ceil(W / stride_i)`` tokens. The
+locally-grouped attention pads the token grid to a multiple of the window with
+zero tokens, attends inside every window without a mask (the padded tokens
+take part as keys and values, as in the reference implementation) and crops
+back. The sub-sampled attention drops a border that does not fill a whole
+reduction cell, as the reference does. Images down to 1x1 pixel work. On
+sizes that are multiples of 32 the result is identical to timm's ``twins_*``
+models, which floor instead of pad.
+
+Parameter names follow timm's (and the official) classifier exactly; a timm
+``twins_*`` state dict loads with ``strict=True`` once the classifier keys
+(``norm.*`` and ``head.*``, see :func:`drop_classifier_keys`) are removed.
+"""
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from .base import PyramidBackbone
+from .layers import (
+    SpatialReductionAttention,
+    map_to_tokens,
+    pad_to_multiple,
+    tokens_to_map,
+    window_partition,
+    window_unpartition,
+)
+from .registry import register_architectures
+
+__all__ = [
+    "Twins",
+    "PatchEmbed",
+    "LocallyGroupedAttention",
+    "PositionEncodingGenerator",
+    "TwinsBlock",
+    "drop_classifier_keys",
+    "CLASSIFIER_KEY_PREFIXES",
+]
+
+#: Top-level key prefixes of a timm / official Twins classifier that the
+#: backbone does not have: the final LayerNorm and the classification head.
+CLASSIFIER_KEY_PREFIXES = ("norm.", "head.")
+
+
+def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove the classifier-only entries from a timm / official Twins state dict.
+
+    Only the top-level ``norm.*`` and ``head.*`` entries are removed; nested
+    norms such as ``patch_embeds.0.norm.weight`` are kept.
+    """
+    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding that accepts any input size.
+
+    The map is zero-padded at the bottom/right to a multiple of ``patch_size``,
+    projected by a ``patch_size`` x ``patch_size`` convolution of the same
+    stride and normalized per token.
+
+    Args:
+        patch_size: side (and stride) of a patch.
+        in_chans: input channels.
+        embed_dim: output channels.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Args:
+            x: ``(B, C, H, W)`` map.
+
+        Returns:
+            ``(B, N, embed_dim)`` tokens and their grid ``(ceil(H / p), ceil(W / p))``.
+        """
+        x, _ = pad_to_multiple(x, self.patch_size)
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(map_to_tokens(x)), hw
+
+
+class LocallyGroupedAttention(nn.Module):
+    """Multi-head self-attention restricted to non-overlapping square windows.
+
+    The token grid is zero-padded to a multiple of ``window_size``; the padded
+    positions are projected like any other token (so they carry the biases)
+    and are visible to the real tokens of their window, without a mask. The
+    result is cropped back to the original grid before the output projection.
+
+    Args:
+        dim: channels of the tokens.
+        num_heads: attention heads.
+        window_size: side of a window.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Attend inside windows of ``x`` (``(B, H*W, C)`` tokens on grid ``hw``)."""
+        b, n, c = x.shape
+        h, w = hw
+        ws, heads = self.window_size, self.num_heads
+        grid, _ = pad_to_multiple(x.view(b, h, w, c), ws, channels_last=True)
+        padded_hw = (grid.shape[1], grid.shape[2])
+        # (B, windows, ws*ws, C): keeping the image and window axes apart gives
+        # attention the same batch layout as the reference, hence identical sums.
+        windows = window_partition(grid, ws).reshape(b, -1, ws * ws, c)
+        qkv = self.qkv(windows).reshape(b, windows.shape[1], ws * ws, 3, heads, c // heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(2, 3).reshape(-1, ws, ws, c)
+        out = window_unpartition(out, ws, padded_hw)[:, :h, :w]
+        return self.proj_drop(self.proj(out.reshape(b, n, c)))
+
+
+class PositionEncodingGenerator(nn.Module):
+    """Conditional position encoding: ``x + DepthwiseConv3x3(x)`` on the token grid.
+
+    Args:
+        dim: channels of the tokens.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # A one-element Sequential keeps the reference key names (proj.0.*).
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        feat = tokens_to_map(x, hw)
+        return map_to_tokens(self.proj(feat) + feat)
+
+
+class TwinsBlock(nn.Module):
+    """Pre-norm transformer block with either local-window or sub-sampled attention.
+
+    Args:
+        dim: channels of the tokens.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        sr_ratio: spatial reduction of the sub-sampled attention.
+        window_size: use locally-grouped attention in windows of this side;
+            ``None`` uses (global) spatial-reduction attention.
+        drop_path: stochastic depth rate of both residual branches.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the attention projection and in the MLP.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, sr_ratio: int = 1,
+                 window_size: Optional[int] = None, drop_path: float = 0.0,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if window_size is None:
+            self.attn = SpatialReductionAttention(
+                dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
+        else:
+            self.attn = LocallyGroupedAttention(
+                dim, num_heads, window_size=window_size, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class Twins(PyramidBackbone):
+    """Twins-PCPVT / Twins-SVT backbone producing ``res2``..``res5``.
+
+    Args:
+        embed_dims: channels of the four stages.
+        num_heads: attention heads of the four stages.
+        mlp_ratios: MLP expansion of the four stages.
+        depths: blocks per stage.
+        sr_ratios: spatial reduction of the sub-sampled attention per stage.
+        window_sizes: SVT's local window side per stage; ``None`` builds PCPVT
+            (every block uses sub-sampled attention).
+        extra_norm: LayerNorm on every stage output inside the trunk (official
+            SVT detection design); ``None`` picks the variant's default.
+        patch_size: side of the first patch embedding (later ones use 2).
+        in_chans: image channels.
+        out_features: levels to return (default ``res2``-``res5``).
+        drop_path_rate: stochastic depth of the last block, linear from 0.
+        attn_drop_rate: dropout on attention weights.
+        proj_drop_rate: dropout after projections and in the MLPs.
+        output_norm: extra LayerNorm on each returned level (see
+            :class:`~.base.PyramidBackbone`), independent of ``extra_norm``.
+        freeze_at: see :class:`~.base.PyramidBackbone`.
+    """
+
+    def __init__(self, embed_dims: Sequence[int], num_heads: Sequence[int], mlp_ratios: Sequence[float],
+                 depths: Sequence[int], sr_ratios: Sequence[int] = (8, 4, 2, 1),
+                 window_sizes: Optional[Sequence[int]] = None, extra_norm: Optional[bool] = None,
+                 patch_size: int = 4, in_chans: int = 3, out_features: Optional[Sequence[str]] = None,
+                 drop_path_rate: float = 0.0, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 output_norm: bool = False, freeze_at: int = 0):
+        super().__init__()
+        num_stages = len(depths)
+        if extra_norm is None:
+            extra_norm = window_sizes is not None
+        self.depths = tuple(depths)
+        self.window_sizes = tuple(window_sizes) if window_sizes is not None else None
+
+        self.patch_embeds = nn.ModuleList()
+        prev_dim = in_chans
+        for i, dim in enumerate(embed_dims):
+            self.patch_embeds.append(PatchEmbed(patch_size if i == 0 else 2, prev_dim, dim))
+            prev_dim = dim
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        self.blocks = nn.ModuleList()
+        for i in range(num_stages):
+            offset = sum(depths[:i])
+            self.blocks.append(nn.ModuleList([
+                TwinsBlock(
+                    embed_dims[i], num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i],
+                    window_size=self._window_of_block(i, j), drop_path=rates[offset + j],
+                    attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+                for j in range(depths[i])
+            ]))
+        self.pos_block = nn.ModuleList([PositionEncodingGenerator(dim) for dim in embed_dims])
+        self.norm_list = nn.ModuleList(
+            [nn.LayerNorm(dim, eps=1e-6) for dim in embed_dims]) if extra_norm else None
+
+        self.apply(self._init_weights)
+
+        names = [f"res{i + 2}" for i in range(num_stages)]
+        self._stage_index = {name: i for i, name in enumerate(names)}
+        self._init_pyramid(
+            channels=dict(zip(names, embed_dims)),
+            strides={name: patch_size * 2 ** i for i, name in enumerate(names)},
+            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at, min_input_size=1)
+
+    def _window_of_block(self, stage: int, index: int) -> Optional[int]:
+        """Window side of a block, or ``None`` for sub-sampled attention."""
+        if self.window_sizes is None or index % 2 == 1:
+            return None
+        return self.window_sizes[stage]
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        """Family options from ``MODEL.PVT_D2.TWINS`` when that node exists.
+
+        ``EXTRA_NORM``: ``None`` (or absent) keeps the variant's default (on
+        for SVT, off for PCPVT); ``True`` / ``False`` forces it.
+        """
+        node = cfg.MODEL.PVT_D2.get("TWINS", None)
+        extra_norm = node.get("EXTRA_NORM", None) if node is not None else None
+        return {} if extra_norm is None else {"extra_norm": bool(extra_norm)}
+
+    def _stage_modules(self, i: int) -> List[nn.Module]:
+        modules = [self.patch_embeds[i], self.blocks[i], self.pos_block[i]]
+        if self.norm_list is not None:
+            modules.append(self.norm_list[i])
+        return modules
+
+    def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
+        """``1``: the first patch embedding; ``k >= 2``: the stages producing res2..res{k}."""
+        if freeze_at <= 0:
+            return []
+        if freeze_at == 1:
+            return [self.patch_embeds[0]]
+        modules = []
+        for i in range(min(freeze_at - 1, len(self.depths))):
+            modules += self._stage_modules(i)
+        return modules
+
+    def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        last = max(self._stage_index[name] for name in needed)
+        feats = {}
+        for i in range(last + 1):
+            tokens, hw = self.patch_embeds[i](x)
+            for j, block in enumerate(self.blocks[i]):
+                tokens = block(tokens, hw)
+                if j == 0:
+                    tokens = self.pos_block[i](tokens, hw)
+            if self.norm_list is not None:
+                tokens = self.norm_list[i](tokens)
+            x = tokens_to_map(tokens, hw).contiguous()
+            feats[f"res{i + 2}"] = x
+        return feats
+
+
+_PCPVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+              sr_ratios=(8, 4, 2, 1), window_sizes=None, extra_norm=False)
+_SVT = dict(mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7), extra_norm=True)
+
+register_architectures("twins", Twins, {
+    "twins_pcpvt_small": dict(_PCPVT, depths=(3, 4, 6, 3)),
+    "twins_pcpvt_base": dict(_PCPVT, depths=(3, 4, 18, 3)),
+    "twins_pcpvt_large": dict(_PCPVT, depths=(3, 8, 27, 3)),
+    "twins_svt_small": dict(_SVT, embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4)),
+    "twins_svt_base": dict(_SVT, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2)),
+    "twins_svt_large": dict(_SVT, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                            depths=(2, 2, 18, 2)),
+})

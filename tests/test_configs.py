@@ -1,0 +1,96 @@
+"""Every YAML under configs/ builds its detector; small variants also run a forward pass."""
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import CONFIGS
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.modeling import get_arch
+
+ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, "*.yaml")))
+# variants cheap enough to also run a forward pass in every detector type
+SMALL_ARCHS = {"pvt_tiny", "pvt_v2_b0", "levit_128s", "gcvit_xxtiny", "twins_svt_small", "twins_pcpvt_small",
+               "vip_s14"}
+DETECTORS = {"retinanet_": "RetinaNet", "mask_rcnn_": "GeneralizedRCNN", "cascade_mask_rcnn_": "GeneralizedRCNN"}
+
+
+def _arch_of(name):
+    return load_config(os.path.join(CONFIGS, name)).MODEL.PVT_D2.ARCH
+
+
+def test_required_configs_exist():
+    assert "retinanet_pvt_s.yaml" in ALL_CONFIGS
+    assert "quickstart_pvt_v2_b0.yaml" in ALL_CONFIGS
+    # four detectors for every registered variant named in the generator's table
+    from tools.generate_configs import VARIANTS, expected_files
+
+    assert set(expected_files()) <= set(ALL_CONFIGS)
+    assert len(VARIANTS) * 4 == len(expected_files())
+
+
+def test_generated_configs_are_up_to_date():
+    from tools.generate_configs import main
+
+    assert main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_config_builds(name):
+    cfg = load_config(os.path.join(CONFIGS, name), ["MODEL.DEVICE", "cpu"])
+    arch = cfg.MODEL.PVT_D2.ARCH
+    try:
+        get_arch(arch)
+    except KeyError:
+        pytest.fail(f"{name} names an unregistered architecture {arch}")
+    if arch not in SMALL_ARCHS and "quickstart" not in name:
+        # large variants: build the backbone only (the heads are the same as the small ones')
+        from detectron2.modeling import build_backbone
+
+        backbone = build_backbone(cfg)
+        assert backbone.size_divisibility in (32, 128)
+        return
+    model = build_model(cfg).eval()
+    prefix = next(p for p in sorted(DETECTORS, key=len, reverse=True) if os.path.basename(name).startswith(p)) \
+        if "quickstart" not in name else "mask_rcnn_"
+    assert type(model).__name__ == DETECTORS[prefix]
+    expected_div = 128 if prefix == "retinanet_" else 32
+    assert model.backbone.size_divisibility == expected_div
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 72, 100), dtype=torch.uint8), "height": 72, "width": 100}])
+    assert out[0]["instances"].image_size == (72, 100)
+
+
+def test_three_x_configs_use_multiscale_and_papers_recipe():
+    cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_s_3x.yaml"))
+    assert cfg.SOLVER.MAX_ITER == 270000 and tuple(cfg.SOLVER.STEPS) == (210000, 250000)
+    assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 480 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
+    assert cfg.SOLVER.WEIGHT_DECAY == 0.05
+    one_x = load_config(os.path.join(CONFIGS, "retinanet_pvt_s.yaml"))
+    assert one_x.SOLVER.MAX_ITER == 90000 and tuple(one_x.SOLVER.STEPS) == (60000, 80000)
+    assert one_x.SOLVER.WEIGHT_DECAY == 1e-4 and one_x.SOLVER.BASE_LR == 1e-4
+    assert one_x.SOLVER.OPTIMIZER == "ADAMW" and one_x.SOLVER.IMS_PER_BATCH == 16
+    assert one_x.SOLVER.AMP.ENABLED and one_x.INPUT.FORMAT == "RGB"
+    assert list(one_x.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="MODEL.PVT_D2.NOPE"):
+        load_config(os.path.join(CONFIGS, "retinanet_pvt_s.yaml"), ["MODEL.PVT_D2.NOPE", "1"])
+
+
+def test_python_tags_are_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.yaml"
+    bad.write_text(f'_BASE_: "{os.path.join(CONFIGS, "retinanet_pvt_s.yaml")}"\n'
+                   f'OUTPUT_DIR: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match="refused for safety"):
+        load_config(str(bad))
+    assert not marker.exists()
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="Config file not found: .*nope.yaml"):
+        load_config("configs/nope.yaml")
