@@ -3,9 +3,11 @@
 Call :func:`add_pvt_d2_config` on a detectron2 config before merging one of the
 YAML files under ``configs/``. Every key is documented where it is defined.
 """
+import math
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "ConfigError"]
+__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "validate_config", "ConfigError"]
 
 
 def add_pvt_d2_config(cfg: CN) -> CN:
@@ -22,6 +24,12 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # ImageNet checkpoint (official or timm layout) loaded into the backbone
     # when the model is built; "" = none. MODEL.WEIGHTS, if set, loads after it.
     cfg.MODEL.PVT_D2.PRETRAINED = ""
+
+    # Twins: the official detection code's LayerNorm on every stage output
+    # (it also feeds the next stage). None = variant default (on for SVT, off
+    # for PCPVT); True / False forces it.
+    cfg.MODEL.PVT_D2.TWINS = CN()
+    cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM = None
 
     # GC ViT: window side per stage ([] = the ImageNet windows 7, 7, 14, 7).
     cfg.MODEL.PVT_D2.GCVIT = CN()
@@ -64,8 +72,8 @@ def load_config(config_file: str, opts=None) -> CN:
         opts: ``["KEY", "VALUE", ...]`` overrides as on the command line.
 
     Raises:
-        ConfigError: missing file, unsafe or malformed YAML, unknown key or a
-            value of the wrong type.
+        ConfigError: missing file, unsafe or malformed YAML, unknown key, a
+            value of the wrong type or an unusable value (see :func:`validate_config`).
     """
     import os
 
@@ -94,4 +102,109 @@ def load_config(config_file: str, opts=None) -> CN:
             raise ConfigError(f"Unknown config key in overrides: {e.args[0] if e.args else e}") from None
         except (ValueError, TypeError, AssertionError) as e:
             raise ConfigError(f"Bad override value: {e}") from None
+    validate_config(cfg)
+    return cfg
+
+
+# Builders of pvt_d2 backbones, and those of them that put an FPN on top.
+_PVT_D2_BUILDERS = ("build_pvt_d2_backbone", "build_pvt_d2_fpn_backbone", "build_pvt_d2_retinanet_fpn_backbone")
+_PVT_D2_FPN_BUILDERS = _PVT_D2_BUILDERS[1:]
+
+
+def _value(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_config(cfg: CN) -> CN:
+    """Refuse values that detectron2 would only trip over later, deep in a run.
+
+    Checked: image sizes, batch size, iteration counts and periods are
+    positive; learning rate, decay and schedule values are in range; class
+    counts, pixel statistics and detections per image make sense; the
+    backbone architecture is registered and an FPN only asks for levels the
+    backbone returns. Keys of detectron2's own backbones are not looked at
+    when ``MODEL.BACKBONE.NAME`` is not a pvt_d2 builder.
+
+    Returns:
+        ``cfg`` unchanged.
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what is allowed.
+    """
+    def bad(key: str, allowed: str):
+        raise ConfigError(f"{key} = {_value(cfg, key)!r} is not allowed: {allowed}.")
+
+    def positive_int(key: str, minimum: int = 1):
+        v = _value(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            bad(key, f"it must be an integer >= {minimum}")
+
+    def finite_number(key: str, low: float, high: float = float("inf"), low_inclusive: bool = True):
+        v = _value(cfg, key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v >= low if low_inclusive else v > low) and v <= high
+        if not ok:
+            bad(key, f"it must be a finite number {'>=' if low_inclusive else '>'} {low}"
+                     + (f" and <= {high}" if math.isfinite(high) else ""))
+
+    min_train = cfg.INPUT.MIN_SIZE_TRAIN
+    sizes = [min_train] if isinstance(min_train, int) else list(min_train)
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+        bad("INPUT.MIN_SIZE_TRAIN", "it must be one or more positive integers, e.g. (800,)")
+    if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING not in ("choice", "range"):
+        bad("INPUT.MIN_SIZE_TRAIN_SAMPLING", "use 'choice' or 'range'")
+    if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
+        bad("INPUT.MIN_SIZE_TRAIN", "with sampling 'range' it must be (low, high) with low <= high")
+    positive_int("INPUT.MAX_SIZE_TRAIN")
+    positive_int("INPUT.MIN_SIZE_TEST", minimum=0)  # 0 disables resizing at test time
+    positive_int("INPUT.MAX_SIZE_TEST")
+
+    positive_int("SOLVER.IMS_PER_BATCH")
+    positive_int("SOLVER.MAX_ITER")
+    positive_int("SOLVER.CHECKPOINT_PERIOD")
+    positive_int("SOLVER.WARMUP_ITERS", minimum=0)
+    positive_int("TEST.EVAL_PERIOD", minimum=0)
+    positive_int("TEST.DETECTIONS_PER_IMAGE")
+    positive_int("DATALOADER.NUM_WORKERS", minimum=0)
+    finite_number("SOLVER.BASE_LR", 0.0, low_inclusive=False)
+    finite_number("SOLVER.WEIGHT_DECAY", 0.0)
+    finite_number("SOLVER.MOMENTUM", 0.0)
+    finite_number("SOLVER.GAMMA", 0.0, low_inclusive=False)
+    finite_number("SOLVER.WARMUP_FACTOR", 0.0, 1.0)
+    steps = list(cfg.SOLVER.STEPS)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in steps) or steps != sorted(steps):
+        bad("SOLVER.STEPS", "it must be increasing positive iteration numbers, e.g. (60000, 80000)")
+    if str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper() not in ("ADAMW", "SGD"):
+        bad("SOLVER.OPTIMIZER", "use 'ADAMW' or 'SGD'")
+    if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+        finite_number("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.0, low_inclusive=False)
+
+    positive_int("MODEL.ROI_HEADS.NUM_CLASSES")
+    positive_int("MODEL.RETINANET.NUM_CLASSES")
+    positive_int("MODEL.FPN.OUT_CHANNELS")
+    for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
+        if len(_value(cfg, key)) != len(cfg.MODEL.PIXEL_MEAN) or not len(_value(cfg, key)):
+            bad(key, "MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need one value per input channel")
+    if any(not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0) for s in cfg.MODEL.PIXEL_STD):
+        bad("MODEL.PIXEL_STD", "every value must be a finite number > 0")
+
+    if cfg.MODEL.BACKBONE.NAME in _PVT_D2_BUILDERS:
+        from .modeling import list_architectures
+
+        if cfg.MODEL.PVT_D2.ARCH not in list_architectures():
+            bad("MODEL.PVT_D2.ARCH", f"unknown architecture; valid names: {', '.join(list_architectures())}")
+        finite_number("MODEL.PVT_D2.DROP_PATH_RATE", 0.0, 1.0)
+        out = list(cfg.MODEL.PVT_D2.OUT_FEATURES)
+        if not out or len(set(out)) != len(out):
+            bad("MODEL.PVT_D2.OUT_FEATURES", "it must list distinct levels, e.g. ['res2', 'res3', 'res4', 'res5']")
+        if cfg.MODEL.BACKBONE.NAME in _PVT_D2_FPN_BUILDERS:
+            missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in out]
+            if missing or not cfg.MODEL.FPN.IN_FEATURES:
+                raise ConfigError(
+                    f"MODEL.FPN.IN_FEATURES = {list(cfg.MODEL.FPN.IN_FEATURES)!r} asks for "
+                    f"{missing or 'no levels'} but MODEL.PVT_D2.OUT_FEATURES = {out!r}: the FPN can only use "
+                    f"levels the backbone returns.")
     return cfg

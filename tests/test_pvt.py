@@ -60,13 +60,19 @@ def _timm_features(name):
     return ref, state
 
 
-@pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2_li"])
+# b0 / b1 agree bit for bit in float32. The deeper linear-attention b2_li
+# accumulates float32 rounding differences of up to ~9e-6 on features of
+# magnitude ~4 (different reduction orders), so its parity runs in float64.
+@pytest.mark.parametrize("name,dtype", [("pvt_v2_b0", torch.float32), ("pvt_v2_b1", torch.float32),
+                                        ("pvt_v2_b2_li", torch.float64)])
 @pytest.mark.parametrize("hw", [(224, 224), (97, 131), (230, 310)])
-def test_pvt_v2_parity_with_timm(name, hw):
+def test_pvt_v2_parity_with_timm(name, dtype, hw):
+    torch.manual_seed(0)
     ref, state = _timm_features(name)
     ours = create_backbone(name, drop_path_rate=0.0).eval()
     ours.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, *hw)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(2, 3, *hw, dtype=dtype)
     with torch.no_grad():
         a, b = ours(x), ref(x)
     for (k, va), vb in zip(a.items(), b):

@@ -129,3 +129,21 @@ def test_train_net_cpu_fallback_is_logged(dataset_root, tmp_path):
     assert log.count("CUDA is not available: running on the CPU") == 1
     saved = open(tmp_path / "config.yaml").read()
     assert "DEVICE: cpu" in saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,extra", [
+    ("mask_rcnn_twins_svt_s.yaml", []),
+    ("mask_rcnn_gcvit_xxt.yaml", []),
+    ("mask_rcnn_levit_128s.yaml", ["MODEL.PVT_D2.LEVIT.ATTN_MODE", "window"]),
+    ("mask_rcnn_levit_128s.yaml", ["MODEL.PVT_D2.LEVIT.ATTN_MODE", "global"]),
+    ("mask_rcnn_vip_s7.yaml", []),
+])
+def test_family_mask_rcnn_trains(config, extra, dataset_root, tmp_path):
+    """One short Mask R-CNN run per family beyond PVT: losses finite, checkpoint written."""
+    cfg = tiny_train_cfg(config, str(tmp_path), ["DATASETS.TEST", "()"] + extra)
+    _train(cfg)
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    losses = [m["total_loss"] for m in metrics if "total_loss" in m]
+    assert losses and all(v == v and v < 1e4 for v in losses)
+    assert os.path.exists(tmp_path / "model_final.pth")

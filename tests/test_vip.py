@@ -323,6 +323,33 @@ def test_stage_parity_native_224(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("hw", [(97, 131), (31, 45)])
+def test_stage_parity_any_size_shallow(name, hw):
+    """Off the native grid, every stage equals the seed's blocks run with the windowed rule."""
+    model = shallow_model(name)
+    img = model.resample_input(torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        ours = model.forward_stages(img)
+        x = F.conv2d(img, model.patch_embed.proj.weight, model.patch_embed.proj.bias,
+                     stride=model.patch_size).permute(0, 2, 3, 1)
+        ref = []
+        for module in model.network:
+            if isinstance(module, nn.Sequential):
+                for blk in module:
+                    x = seed_block(blk, x, windowed_permute_mlp)
+                ref.append(x)
+            else:  # zero-pad odd sides, then the seed's downsampling conv
+                x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+                x = F.conv2d(x.permute(0, 3, 1, 2), module.proj.weight, module.proj.bias,
+                             stride=2).permute(0, 2, 3, 1)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        stride = model.stage_strides[LEVELS[i]]
+        assert a.shape[1:3] == (ceil_div(hw[0], stride), ceil_div(hw[1], stride))
+        err = (a - b).abs().max().item()
+        assert err < PARITY_TOL, (name, hw, i, err)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_pyramid_at_256_is_the_224_classifier(name):
     """A 256 px image is the classifier's 224 px computation; identity levels equal its stages."""
     model = shallow_model(name)

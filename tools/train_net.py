@@ -9,10 +9,17 @@
 ``--num-gpus N`` starts N processes per machine: one per GPU, or N CPU
 processes (gloo) on a machine without CUDA. Without CUDA the run switches to
 the CPU with AMP off and says so in the log.
+
+Problems the user can fix (a bad config value, a missing or unusable dataset,
+an unreadable image in evaluation, a missing or mismatched checkpoint, a
+diverged loss) end the command with exit status 2 and one ``ERROR:`` paragraph
+on stderr instead of a traceback; the config is checked before any worker
+process starts.
 """
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,11 +27,21 @@ import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
+from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
 import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, check_num_classes, prepare_datasets  # noqa: E402,E501
 from pvt_d2.engine import AtomicCheckpointer, Trainer, use_cpu_if_no_cuda  # noqa: E402
+from pvt_d2.engine.checkpoint import CheckpointError  # noqa: E402
+from pvt_d2.engine.trainer import NonFiniteLossError  # noqa: E402
+
+# Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError)
+# Those that every process of a multi-process run meets at the same point: the first process reports them.
+SHARED_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, CheckpointError)
+# How long the other processes wait before exiting on such an error.
+QUIET_EXIT_DELAY_S = 5
 
 
 def setup(args):
@@ -44,8 +61,10 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -55,14 +74,54 @@ def main(args):
     return trainer.train()
 
 
+def _report(error: Exception, rank: int = 0) -> None:
+    print(f"ERROR{f' (process {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
+
+
+def worker(args):
+    """``main`` in a worker process of a multi-process run: a user error ends the process with status 2.
+
+    The error is printed once (by the first process when all processes meet
+    it, otherwise by the process that did); ``launch`` then stops the others.
+    """
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        shared = isinstance(e, SHARED_ERRORS) or getattr(e, "all_processes", False)
+        if comm.get_rank() == 0 or not shared:
+            _report(e, comm.get_rank())
+        else:
+            time.sleep(QUIET_EXIT_DELAY_S)  # launch stops everyone when one exits: let the first one report
+        sys.exit(2)
+
+
+def check_args(args) -> None:
+    """Check the config, the process layout and the datasets once, before any worker process is started."""
+    cfg = load_config(args.config_file, args.opts)
+    world_size = args.num_gpus * args.num_machines
+    if not args.eval_only and cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a multiple of the number of "
+                          f"processes ({world_size} = --num-gpus x --num-machines) so that each gets the same "
+                          f"number of images.")
+    prepare_datasets(list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+
+
 def cli(argv=None) -> int:
     args = default_argument_parser().parse_args(argv)
     try:
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except (ConfigError, DatasetNotFoundError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        check_args(args)
+        if args.num_gpus * args.num_machines > 1:
+            launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
+        else:
+            main(args)
+    except USER_ERRORS as e:
+        _report(e)
         return 2
+    except ProcessExitedException as e:
+        if e.exit_code == 2:  # a worker stopped on a user error and has printed it
+            return 2
+        raise
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Datasets: the built-in synthetic set and the presence check for COCO."""
-from .datasets import DatasetNotFoundError, prepare_datasets, register_all
+"""Datasets: the built-in synthetic set, the presence and sanity checks, and the robust mapper."""
+from .datasets import (DatasetError, DatasetNotFoundError, UnknownDatasetError, check_num_classes,
+                       load_dataset_dicts, prepare_datasets, register_all)
+from .mapper import BadImageError, RobustDatasetMapper
 from .synthetic import CLASSES, dataset_root, ensure_synthetic_dataset, register_synthetic_datasets
 
 register_all()

@@ -4,24 +4,36 @@ On top of detectron2's ``DefaultTrainer`` it adds the AdamW recipe
 (:mod:`.optim`), COCO evaluators for box (and mask) models, atomic
 checkpoints (:mod:`.checkpoint`), the optional ImageNet backbone weights
 (``MODEL.PVT_D2.PRETRAINED``) and multi-process training on CPU (gloo).
+
+Reliability: data loaders use :class:`~pvt_d2.data.mapper.RobustDatasetMapper`
+(a bad image is skipped in training, named in evaluation); datasets that are
+empty, malformed or have more classes than the model raise
+:class:`~pvt_d2.data.DatasetError` before training starts; a loss that becomes
+NaN/Inf stops the run with :class:`NonFiniteLossError`, a one-paragraph message
+naming the iteration and the loss terms.
 """
 import contextlib
 import logging
+import math
 import os
+import re
 from unittest import mock
 
+import numpy as np
 import torch
-from detectron2.engine import DefaultTrainer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
-from ..data import prepare_datasets
+from ..data import DatasetError, check_num_classes, load_dataset_dicts, prepare_datasets
+from ..data.mapper import RobustDatasetMapper
 from .checkpoint import AtomicCheckpointer
 from .optim import build_optimizer
 
-__all__ = ["Trainer", "create_ddp_model", "use_cpu_if_no_cuda"]
+__all__ = ["Trainer", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
 
 logger = logging.getLogger("pvt_d2")
 
@@ -50,20 +62,148 @@ def use_cpu_if_no_cuda(cfg) -> bool:
     return False
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss (or the predictions) became NaN or infinite.
+
+    ``all_processes`` is True when every process of a multi-process run
+    raised it at the same iteration (the loss check), False when only this
+    process did (non-finite predictions).
+    """
+
+    all_processes = False
+
+
+class _LossNotFiniteOnSomeProcess(FloatingPointError):
+    """Raised by every process at once when any process has a non-finite loss."""
+
+
+def _check_losses_on_all_processes(trainer):
+    """Wrap ``trainer._write_metrics`` so that a NaN/Inf loss on any process stops all of them together.
+
+    detectron2 checks the loss on the first process only; the others would go
+    on to the next iteration and wait in a collective for a process that has
+    stopped. Here every process compares all processes' losses each iteration
+    and raises at the same point, so a multi-process run ends cleanly.
+    """
+    write_metrics = trainer._write_metrics
+
+    def checked(loss_dict, data_time, prefix="", iter=None):
+        local = {k: float(v.detach().float().cpu().item()) for k, v in loss_dict.items()}
+        everyone = comm.all_gather(local)
+        if not all(math.isfinite(v) for losses in everyone for v in losses.values()):
+            mean = {k: float(np.mean([losses[k] for losses in everyone])) for k in local}
+            raise _LossNotFiniteOnSomeProcess(
+                f"Loss became infinite or NaN at iteration={trainer.iter if iter is None else iter}!\n"
+                f"loss_dict = {mean}")
+        return write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+    trainer._write_metrics = checked
+
+
+class _HideDivergenceTraceback(logging.Filter):
+    """Drop detectron2's "Exception during training" traceback for a divergence; it is reported cleanly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+
+
+def _loss_terms(message: str) -> str:
+    """``"loss_cls=nan, loss_box_reg=0.52"`` from detectron2's divergence message, or '' if it has none."""
+    match = re.search(r"loss_dict = \{(.*)\}", message, re.S)
+    if not match:
+        return ""
+    terms = re.findall(r"'(\w+)': (?:np\.float\d+\()?([^,)]+)\)?", match.group(1))
+    return ", ".join(f"{name}={value.strip()}" for name, value in terms)
+
+
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with pvt_d2's optimizer, evaluators, checkpointer and CPU support."""
+    """``DefaultTrainer`` with pvt_d2's optimizer, evaluators, checkpointer, robust data and CPU support."""
 
     def __init__(self, cfg):
         prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        if not cfg.DATASETS.TRAIN:
+            raise DatasetError("DATASETS.TRAIN is empty: name at least one dataset to train on.")
+        # refuse a class-count mismatch now, not hours later (evaluation runs at the end of training);
+        # training sets whose classes are known only once loaded are checked in build_train_loader
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
+        check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
+        self._step_failed = False
         with contextlib.ExitStack() as stack:
             stack.enter_context(mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model))
             stack.enter_context(mock.patch.object(d2_defaults, "DetectionCheckpointer", AtomicCheckpointer))
             super().__init__(cfg)
+        if comm.get_world_size() > 1:
+            _check_losses_on_all_processes(self._trainer)
 
     def train(self):
-        """Train, and return the last evaluation results (``{dataset: {task: metrics}}``) or None."""
-        super().train()
+        """Train, and return the last evaluation results (``{dataset: {task: metrics}}``) or None.
+
+        Raises:
+            NonFiniteLossError: the loss or the predictions became NaN/Inf.
+        """
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        hide = _HideDivergenceTraceback()
+        loop_logger.addFilter(hide)
+        try:
+            super().train()
+        except FloatingPointError as e:
+            message = self._divergence_message(e)
+            logger.error(message)
+            error = NonFiniteLossError(message)
+            error.all_processes = isinstance(e, _LossNotFiniteOnSomeProcess)
+            raise error from e
+        finally:
+            loop_logger.removeFilter(hide)
         return getattr(self, "_last_eval_results", None)
+
+    def _divergence_message(self, error: FloatingPointError) -> str:
+        terms = _loss_terms(str(error))
+        what = (f"the loss is not finite ({terms})" if terms
+                else f"the model's outputs are not finite ({str(error).splitlines()[0]})")
+        last = (f"the last checkpoint is {self.checkpointer.get_checkpoint_file()}"
+                if self.checkpointer.has_checkpoint() else "no checkpoint was written yet")
+        s = self.cfg.SOLVER
+        return (f"Training diverged at iteration {self.iter}: {what}. Nothing after the last checkpoint was saved "
+                f"({last}). Usual causes: a learning rate too high for the batch size (SOLVER.BASE_LR = "
+                f"{s.BASE_LR:g}, SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH}), too short a warmup "
+                f"(SOLVER.WARMUP_ITERS = {s.WARMUP_ITERS}), fp16 overflow with SOLVER.AMP.ENABLED, or bad "
+                f"annotations. Lower the learning rate or enable SOLVER.CLIP_GRADIENTS, then start again "
+                f"(--resume continues from the last checkpoint).")
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except BaseException:
+            self._step_failed = True
+            raise
+
+    def after_train(self):
+        if self._step_failed:
+            # a failed last iteration must not be mistaken for the end of training (final evaluation)
+            self._hooks = [h for h in self._hooks if not isinstance(h, hooks.EvalHook)]
+        super().after_train()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
+        dataset = load_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=RobustDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
+        proposal_files = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
+        dataset = load_dataset_dicts([dataset_name], filter_empty=False, proposal_files=proposal_files)
+        return build_detection_test_loader(dataset, mapper=RobustDatasetMapper(cfg, False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_model(cls, cfg):

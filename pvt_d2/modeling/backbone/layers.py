@@ -5,10 +5,11 @@ a multiple, window partition and its inverse, resizing of learned position
 embeddings, channels-first LayerNorm, and the spatial-reduction attention of
 PVT (also used by PVT v2 and Twins).
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from torch import nn
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "resize_pos_embed",
     "LayerNorm2d",
     "SpatialReductionAttention",
+    "PatchEmbed",
     "tokens_to_map",
     "map_to_tokens",
+    "init_weights",
 ]
 
 
@@ -197,3 +200,51 @@ class SpatialReductionAttention(nn.Module):
             q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch embedding for any input size (PVT v1, Twins).
+
+    The map is zero-padded at the bottom/right to a multiple of
+    ``patch_size``, projected by a ``patch_size`` x ``patch_size`` conv of the
+    same stride and normalized per token, so the grid is exactly
+    ``ceil(H / patch_size)`` x ``ceil(W / patch_size)``.
+
+    Args:
+        in_chans: input channels.
+        dim: output channels.
+        patch_size: side (and stride) of a patch.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """``(B, C, H, W)`` map to ``(B, N, dim)`` tokens and their grid size."""
+        x, _ = pad_to_multiple(x, self.patch_size)
+        x = self.proj(x)
+        hw = (x.shape[-2], x.shape[-1])
+        return self.norm(map_to_tokens(x)), hw
+
+
+def init_weights(m: nn.Module) -> None:
+    """The usual transformer initialisation, for ``model.apply``.
+
+    Linear: truncated normal (std 0.02), zero bias. LayerNorm: unit scale,
+    zero shift. Conv2d: normal with std ``sqrt(2 / fan_out)``, zero bias.
+    """
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -24,10 +24,10 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .base import PyramidBackbone
-from .layers import SpatialReductionAttention, map_to_tokens, pad_to_multiple, resize_pos_embed, tokens_to_map
+from .layers import PatchEmbed, SpatialReductionAttention, init_weights, map_to_tokens, resize_pos_embed, tokens_to_map
 from .registry import register_architectures
 
-__all__ = ["PVTBlock", "PatchEmbed", "PyramidVisionTransformer", "drop_path_rates"]
+__all__ = ["PVTBlock", "PyramidVisionTransformer", "drop_path_rates"]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -96,25 +96,6 @@ class PVTBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x), hw))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch embedding: pad to a multiple of the patch, strided conv, LayerNorm.
-
-    Returns tokens ``(B, N, C)`` and their grid size.
-    """
-
-    def __init__(self, in_chans: int, dim: int, patch_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        x, _ = pad_to_multiple(x, self.patch_size)
-        x = self.proj(x)
-        hw = (x.shape[-2], x.shape[-1])
-        return self.norm(map_to_tokens(x)), hw
 
 
 class AbsolutePositionEmbedding(nn.Module):
@@ -192,7 +173,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             stages.append(PVTStage(prev, embed_dims[i], patch, grid, 1 if i == 3 else 0, blocks, drop_rate))
             prev = embed_dims[i]
         self.stages = nn.ModuleList(stages)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self._init_pyramid(
             channels=dict(zip(STAGE_NAMES, embed_dims)),
             strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),
@@ -213,22 +194,6 @@ class PyramidVisionTransformer(PyramidBackbone):
             x = stage(x)
             out[name] = x
         return out
-
-
-def _init_weights(m: nn.Module) -> None:
-    """Truncated-normal linear weights, zero biases, unit LayerNorms, fan-out conv init."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 PVT_ARCHS = {

@@ -11,14 +11,14 @@ Any input size: the padded convolutions already give stage ``i`` exactly
 the grid, so no resizing is needed. Module names follow timm's ``pvt_v2``,
 whose checkpoints load after dropping the classifier head.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .base import PyramidBackbone
-from .layers import map_to_tokens, tokens_to_map
-from .pvt import STAGE_NAMES, PVTBlock, _init_weights, drop_path_rates
+from .layers import init_weights, map_to_tokens, tokens_to_map
+from .pvt import STAGE_NAMES, PVTBlock, drop_path_rates
 from .registry import register_architectures
 
 __all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
@@ -89,7 +89,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             stages.append(PVTv2Stage(prev, embed_dims[i], downsample=i > 0, blocks=blocks))
             prev = embed_dims[i]
         self.stages = nn.ModuleList(stages)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         self._init_pyramid(
             channels=dict(zip(STAGE_NAMES, embed_dims)),
             strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),

@@ -38,17 +38,18 @@ Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
 (``norm.*`` and ``head.*``, see :func:`drop_classifier_keys`) are removed.
 """
-import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .base import PyramidBackbone
 from .layers import (
+    PatchEmbed,
     SpatialReductionAttention,
+    init_weights,
     map_to_tokens,
     pad_to_multiple,
     tokens_to_map,
@@ -59,7 +60,6 @@ from .registry import register_architectures
 
 __all__ = [
     "Twins",
-    "PatchEmbed",
     "LocallyGroupedAttention",
     "PositionEncodingGenerator",
     "TwinsBlock",
@@ -79,38 +79,6 @@ def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, to
     norms such as ``patch_embeds.0.norm.weight`` are kept.
     """
     return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch embedding that accepts any input size.
-
-    The map is zero-padded at the bottom/right to a multiple of ``patch_size``,
-    projected by a ``patch_size`` x ``patch_size`` convolution of the same
-    stride and normalized per token.
-
-    Args:
-        patch_size: side (and stride) of a patch.
-        in_chans: input channels.
-        embed_dim: output channels.
-    """
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Args:
-            x: ``(B, C, H, W)`` map.
-
-        Returns:
-            ``(B, N, embed_dim)`` tokens and their grid ``(ceil(H / p), ceil(W / p))``.
-        """
-        x, _ = pad_to_multiple(x, self.patch_size)
-        x = self.proj(x)
-        hw = (x.shape[-2], x.shape[-1])
-        return self.norm(map_to_tokens(x)), hw
 
 
 class LocallyGroupedAttention(nn.Module):
@@ -252,7 +220,7 @@ class Twins(PyramidBackbone):
         self.patch_embeds = nn.ModuleList()
         prev_dim = in_chans
         for i, dim in enumerate(embed_dims):
-            self.patch_embeds.append(PatchEmbed(patch_size if i == 0 else 2, prev_dim, dim))
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2))
             prev_dim = dim
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -270,7 +238,7 @@ class Twins(PyramidBackbone):
         self.norm_list = nn.ModuleList(
             [nn.LayerNorm(dim, eps=1e-6) for dim in embed_dims]) if extra_norm else None
 
-        self.apply(self._init_weights)
+        self.apply(init_weights)
 
         names = [f"res{i + 2}" for i in range(num_stages)]
         self._stage_index = {name: i for i, name in enumerate(names)}
@@ -285,30 +253,14 @@ class Twins(PyramidBackbone):
             return None
         return self.window_sizes[stage]
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @classmethod
     def from_config(cls, cfg) -> dict:
-        """Family options from ``MODEL.PVT_D2.TWINS`` when that node exists.
+        """Family options from ``MODEL.PVT_D2.TWINS``.
 
-        ``EXTRA_NORM``: ``None`` (or absent) keeps the variant's default (on
-        for SVT, off for PCPVT); ``True`` / ``False`` forces it.
+        ``EXTRA_NORM``: ``None`` keeps the variant's default (on for SVT, off
+        for PCPVT); ``True`` / ``False`` forces it.
         """
-        node = cfg.MODEL.PVT_D2.get("TWINS", None)
-        extra_norm = node.get("EXTRA_NORM", None) if node is not None else None
+        extra_norm = cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM
         return {} if extra_norm is None else {"extra_norm": bool(extra_norm)}
 
     def _stage_modules(self, i: int) -> List[nn.Module]:

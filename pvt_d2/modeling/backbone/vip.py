@@ -65,11 +65,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .base import PyramidBackbone
-from .layers import LayerNorm2d, pad_to_multiple
+from .layers import LayerNorm2d, init_weights, pad_to_multiple
 from .registry import register_architectures
 
 __all__ = [
@@ -346,19 +346,9 @@ class VisionPermutator(PyramidBackbone):
         self.necks = nn.ModuleDict({
             name: _neck(embed_dims[i], stage_strides[i], level_strides[name]) for i, name in enumerate(names)})
 
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         self._init_pyramid(dict(zip(names, embed_dims)), level_strides, out_features, output_norm,
                            freeze_at, min_input_size=1)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
         modules: List[nn.Module] = [self.patch_embed]

@@ -1,0 +1,38 @@
+"""ImageNet checkpoints (official repositories or timm) for pvt_d2 backbones.
+
+- :mod:`.io`        safe reading of ``.pth`` / ``.pth.tar`` / ``.bin`` / ``.safetensors``
+- :mod:`.mappings`  one key mapping per family and source layout, variant identification
+- :mod:`.convert`   detection, conversion, checked loading with a report, detectron2 export
+
+``load_pretrained_backbone(model, path)`` is what ``MODEL.PVT_D2.PRETRAINED``
+runs; ``tools/convert_pretrained.py`` writes files for ``MODEL.WEIGHTS``.
+"""
+from .convert import (
+    ConvertedCheckpoint,
+    LoadReport,
+    convert_checkpoint,
+    convert_state_dict,
+    detect_source,
+    find_backbone,
+    load_converted,
+    load_pretrained_backbone,
+    save_for_detectron2,
+)
+from .io import CheckpointError, read_state_dict
+from .mappings import MAPPINGS, get_mapping
+
+__all__ = [
+    "CheckpointError",
+    "ConvertedCheckpoint",
+    "LoadReport",
+    "MAPPINGS",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "detect_source",
+    "find_backbone",
+    "get_mapping",
+    "load_converted",
+    "load_pretrained_backbone",
+    "read_state_dict",
+    "save_for_detectron2",
+]

@@ -1,0 +1,202 @@
+"""Reading checkpoint files without ever executing code from them.
+
+Three container formats are accepted, recognised by their first bytes (not by
+the file extension):
+
+* PyTorch zip archives (``torch.save`` since 1.6: ``.pth``, ``.pth.tar``,
+  ``.bin``, ``.pt``) and legacy PyTorch pickles, both read with
+  ``torch.load(weights_only=True)``: only tensors, plain containers and
+  numbers can be rebuilt, so a pickle that would import or call anything else
+  (``os.system`` in a ``__reduce__``) is refused before anything runs. The
+  only class allowed on top of PyTorch's own list is ``argparse.Namespace``,
+  which the DeiT and timm training scripts store as ``args`` next to the
+  weights and which only holds attributes.
+* safetensors files, read with the ``safetensors`` library (no pickle at all).
+
+Anything else, an empty file, a truncated download, or a file whose state
+dict cannot be found is refused with a :class:`CheckpointError` naming the
+file. The weights may be nested (``model``, ``state_dict``, ``model_ema``,
+``state_dict_ema``, ``module``) and prefixed with ``module.``
+(DistributedDataParallel); :func:`read_state_dict` unwraps both.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Mapping
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["CheckpointError", "NESTED_KEYS", "sniff_format", "load_checkpoint_file", "extract_state_dict",
+           "read_state_dict"]
+
+#: Where training scripts put the weights, in order of preference.
+NESTED_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module", "ema")
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_SAFE_EXTRA_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, unsafe, of another model, or not matching it."""
+
+
+def sniff_format(path: str) -> str:
+    """The container format of ``path``: ``"zip"``, ``"pickle"`` or ``"safetensors"``.
+
+    Raises:
+        CheckpointError: missing, empty or unrecognised file.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint file not found: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[0] == _PICKLE_PROTO:
+        return "pickle"
+    raise CheckpointError(
+        f"{path} is not a checkpoint: unrecognised file format (starts with {head[:8]!r}); expected a PyTorch "
+        f"file (.pth, .pth.tar, .bin) or a .safetensors file")
+
+
+def _check_safetensors_complete(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path} is truncated: its safetensors header needs {8 + header_len} bytes but "
+                                  f"the file has {size} (incomplete download?)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is corrupt: unreadable safetensors header ({e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {needed} bytes but the file has {size} "
+                              f"(incomplete download?)")
+
+
+def _refusal_reason(message: str) -> Optional[str]:
+    """Why the ``weights_only`` unpickler refused a file, or None if the error is of another kind."""
+    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: ([\w.]+)", message)
+    if match:
+        return f"it is a pickle that would import or run Python code ({match.group(1)}) when loaded"
+    match = re.search(r"Unsupported (operand|class) ([^\n]+)", message)
+    if match:
+        return (f"it is a pickle with content the safe loader does not rebuild (unsupported {match.group(1)} "
+                f"{match.group(2).strip()}, e.g. a plain pickle.dump file), which could run code when loaded")
+    return None
+
+
+def load_checkpoint_file(path: str) -> Any:
+    """Load the object stored in a checkpoint file, safely.
+
+    Returns:
+        Whatever the file holds (a state dict, or a dict with the state dict
+        nested inside); tensors are on the CPU.
+
+    Raises:
+        CheckpointError: see the module docstring.
+    """
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        _check_safetensors_complete(path)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is a corrupt safetensors file: {e}") from None
+    if fmt == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupt: the PyTorch zip archive has no central directory "
+                              f"(incomplete download?)")
+    try:
+        with torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _refusal_reason(str(e))
+        if reason is not None:
+            raise CheckpointError(
+                f"Refusing to load {path}: {reason}. Only tensors and plain containers are accepted "
+                f"(torch.load with weights_only=True). If you trust the file, re-save just its state dict with "
+                f"torch.save (or convert it to .safetensors) and use that.") from None
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, struct.error) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint (truncated or corrupt?): {first}") \
+            from None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip_common_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def extract_state_dict(obj: Any, key: Optional[str] = None, source: str = "checkpoint") \
+        -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """Find the state dict inside a loaded checkpoint object.
+
+    Args:
+        obj: the loaded object.
+        key: the entry holding the weights (``"model_ema"``, ...); dots select
+            nested entries. By default the object itself if it is a state dict,
+            else the first of :data:`NESTED_KEYS` that holds one.
+        source: name of the file, for messages.
+
+    Returns:
+        ``(state_dict, key)``: tensors by name (a common ``module.`` prefix
+        removed) and the entry they came from (None at the top level).
+    """
+    if key:
+        node = obj
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                found = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+                raise CheckpointError(f"{source} has no entry '{key}' (top-level entries: {found})")
+            node = node[part]
+        if not _is_tensor_dict(node):
+            raise CheckpointError(f"{source}: entry '{key}' is not a state dict of tensors")
+        return _strip_common_prefix(dict(node), "module."), key
+    if _is_tensor_dict(obj):
+        return _strip_common_prefix(dict(obj), "module."), None
+    if isinstance(obj, Mapping):
+        for name in NESTED_KEYS:
+            if _is_tensor_dict(obj.get(name)):
+                return _strip_common_prefix(dict(obj[name]), "module."), name
+        entries = ", ".join(f"{k} ({type(v).__name__})" for k, v in list(obj.items())[:12])
+        raise CheckpointError(f"{source} holds no state dict: none of its entries ({entries}) is a mapping of "
+                              f"names to tensors; pass the entry to use (--key / key=)")
+    raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
+
+
+def read_state_dict(path: str, key: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Safely read the state dict of a checkpoint file.
+
+    Returns:
+        ``(state_dict, info)`` with ``info`` holding ``format``, ``key`` (the
+        nested entry used) and ``author`` (``__author__`` of the file, if any).
+    """
+    obj = load_checkpoint_file(path)
+    state_dict, used = extract_state_dict(obj, key, source=path)
+    author = obj.get("__author__") if isinstance(obj, Mapping) else None
+    return state_dict, {"format": sniff_format(path), "key": used, "author": author}

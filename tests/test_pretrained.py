@@ -1,0 +1,647 @@
+"""Tests of ImageNet checkpoint conversion and loading (pvt_d2/checkpoint, tools/convert_pretrained.py).
+
+No checkpoint can be downloaded here, so every file is written by the tests in
+its source's own layout:
+
+* timm layout: a random timm classifier (tables, layer scales and batch-norm
+  statistics re-drawn so that they matter) saved with ``torch.save`` and as
+  safetensors; after loading, our backbone must reproduce timm's features.
+* official layout: a pvt_d2 state dict renamed to the official repository's
+  names by inverse mappings written here, independently of the library
+  (``*_to_official`` below, from the official model definitions), plus the
+  classifier entries and index buffers those files carry; the conversion must
+  give back the pvt_d2 state dict key by key.
+"""
+import argparse
+import copy
+import os
+import pickle
+import re
+
+import pytest
+import timm
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_backbone, build_model
+from safetensors.torch import save_file
+from torch import nn
+
+from pvt_d2.checkpoint import (
+    CheckpointError,
+    convert_checkpoint,
+    convert_state_dict,
+    load_pretrained_backbone,
+    read_state_dict,
+)
+from pvt_d2.config import load_config
+from pvt_d2.checkpoint.convert import arch_hparams, describe_backbone, match_arch
+from pvt_d2.modeling import create_backbone, get_arch, list_architectures
+from tools.convert_pretrained import main as convert_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Keys an ImageNet file may carry that no backbone has (classifier, distillation head, index buffers).
+DROPPABLE = r"^(head|head_dist|norm)\.|^cls_token$|(attention_bias_idxs|relative_position_index)$"
+X224 = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Move every learned table, layer scale, norm and BN statistic away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if "bias_table" in name or "attention_biases" in name:
+                t.copy_(torch.randn(t.shape, generator=g))
+            elif name.endswith("gamma"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.endswith("bn.weight"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    return model
+
+
+def _assert_same_state(actual: dict, expected: dict) -> None:
+    """Same keys and bit-identical tensors, checked key by key."""
+    assert sorted(actual) == sorted(expected)
+    for k in expected:
+        assert actual[k].shape == expected[k].shape, k
+        assert torch.equal(actual[k], expected[k]), k
+
+
+def _scramble_(model: nn.Module) -> nn.Module:
+    """Overwrite every floating tensor of ``model`` in place, to prove a later load writes them all."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.fill_(0.123)
+    return model
+
+
+_MODEL_CACHE = {}
+
+
+def _meta_backbone(arch: str, **overrides):
+    """The backbone built on the meta device (shapes only, instant), or None where construction needs data."""
+    try:
+        with torch.device("meta"):
+            return create_backbone(arch, **overrides)
+    except NotImplementedError:  # e.g. drop-path rates read back with .tolist()
+        return None
+
+
+def _model(arch: str, **overrides) -> nn.Module:
+    """A fresh copy of a randomized pvt_d2 backbone, built once per arch and overrides.
+
+    The weight init of the large variants is slow on CPU; a model without
+    buffers is therefore built on the meta device and filled with random
+    values instead (every test here overwrites or only compares them).
+    """
+    key = (arch, tuple(sorted(overrides.items())))
+    if key not in _MODEL_CACHE:
+        torch.manual_seed(2)
+        model = _meta_backbone(arch, **overrides)
+        if model is not None and not list(model.buffers()):
+            model = model.to_empty(device="cpu")
+            g = torch.Generator().manual_seed(2)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        else:
+            model = create_backbone(arch, **overrides)
+        _MODEL_CACHE[key] = _randomize(model.eval())
+    return copy.deepcopy(_MODEL_CACHE[key])
+
+
+def _levit_reference(t: nn.Module, x: torch.Tensor) -> dict:
+    s = t.stem
+    res2 = s.act2(s.conv2(s.act1(s.conv1(x))))
+    res3 = s.act3(s.conv3(res2))
+    res4, res5, _ = t.forward_intermediates(x, intermediates_only=True)
+    return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
+
+
+def _timm_reference(name: str, t: nn.Module, x: torch.Tensor) -> dict:
+    with torch.no_grad():
+        if name.startswith("levit"):
+            return _levit_reference(t, x)
+        return dict(zip(("res2", "res3", "res4", "res5"), t.forward_intermediates(x, intermediates_only=True)))
+
+
+#: timm families: (timm model name, our constructor overrides for an exact comparison).
+TIMM_CASES = {
+    "pvt_v2_b0": {},
+    "twins_svt_small": {"extra_norm": False},  # timm has no per-stage detection norm
+    "levit_128s": {},
+    "gcvit_xxtiny": {},
+}
+_TIMM_CACHE = {}
+
+
+def _timm_source(name: str):
+    """(state dict in timm's layout, timm's features at 224) for a randomized timm classifier, cached."""
+    if name not in _TIMM_CACHE:
+        torch.manual_seed(0)
+        t = _randomize(timm.create_model(name).eval())
+        _TIMM_CACHE[name] = ({k: v.clone() for k, v in t.state_dict().items()}, _timm_reference(name, t, X224))
+    return _TIMM_CACHE[name]
+
+
+# ---------------------------------------------------------------------------
+# (1) timm layout: zero missing / unexpected keys and timm's features
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TIMM_CASES))
+def test_timm_checkpoint_loads_and_reproduces_timm_features(name, tmp_path):
+    """Saved with torch.save (nested the way timm's train script does) and as safetensors."""
+    state, ref = _timm_source(name)
+    pth = str(tmp_path / f"{name}.pth.tar")
+    torch.save({"state_dict": state, "epoch": 3, "args": argparse.Namespace(model=name, lr=1e-3)}, pth)
+    safetensors = str(tmp_path / f"{name}.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, safetensors)
+
+    model = _scramble_(_model(name, **TIMM_CASES[name]))
+    report = load_pretrained_backbone(model, pth)
+    assert report.ok and report.missing == [] and report.unexpected == [] and report.mismatched == []
+    assert report.new == []
+    # only classifier-only keys were dropped
+    assert report.dropped and all(re.search(DROPPABLE, k) for k in report.dropped), report.dropped
+    assert len(report.loaded) + len(report.dropped) == len(state)
+    with torch.no_grad():
+        out = model(X224)
+    for level, expected in ref.items():
+        err = (out[level] - expected).abs().max().item()
+        assert err < 1e-4, (name, level, err)
+        assert expected.abs().max() > 0.1
+
+    # the safetensors copy converts to the same tensors and loads completely as well
+    from_safetensors = convert_checkpoint(safetensors, arch=name)
+    _assert_same_state(from_safetensors.state_dict, model.state_dict())
+    report = load_pretrained_backbone(model, safetensors)
+    assert report.ok and report.new == [] and len(report.loaded) == len(model.state_dict())
+
+
+def test_twins_svt_detection_norms_are_reported_as_new():
+    """SVT's default detection design adds per-stage LayerNorms that no ImageNet file has: new, not missing."""
+    state, _ = _timm_source("twins_svt_small")
+    model = _model("twins_svt_small")  # extra_norm on
+    converted = convert_state_dict(state, source="twins_svt_small (timm)")
+    from pvt_d2.checkpoint import load_converted
+
+    report = load_converted(model, converted)
+    assert report.ok
+    assert sorted(report.new) == sorted(f"norm_list.{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+
+
+def test_timm_levit_conv_checkpoint_loads_into_linear_levit(tmp_path):
+    """timm's ``levit_conv_*`` stores the projections as 1x1 convs; they load into our Linear layers."""
+    torch.manual_seed(1)
+    t = _randomize(timm.create_model("levit_conv_128s").eval())
+    path = str(tmp_path / "levit_conv_128s.pth")
+    torch.save(t.state_dict(), path)
+    model = create_backbone("levit_128s").eval()
+    report = load_pretrained_backbone(model, path)
+    assert report.ok and report.new == []
+    with torch.no_grad():
+        ref = _levit_reference(t, X224)
+        out = model(X224)
+    for level in ref:
+        assert (out[level] - ref[level]).abs().max() < 1e-4, level
+
+
+# ---------------------------------------------------------------------------
+# (2) official layouts, written by independent inverse mappings
+# ---------------------------------------------------------------------------
+def pvt_to_official(native: dict) -> dict:
+    """pvt_d2 PVT v1 -> whai362/PVT classification/pvt.py names."""
+    out = {}
+    for k, v in native.items():
+        stage, rest = re.fullmatch(r"stages\.(\d)\.(.+)", k).groups()
+        n = int(stage) + 1
+        if rest == "pos_embed.weight":
+            out[f"pos_embed{n}"] = v
+        elif rest.startswith("patch_embed."):
+            out[f"patch_embed{n}." + rest[len("patch_embed."):]] = v
+        else:
+            out[f"block{n}." + rest[len("blocks."):]] = v
+    return out
+
+
+def pvt_v2_to_official(native: dict) -> dict:
+    """pvt_d2 / timm PVT v2 -> whai362/PVT classification/pvt_v2.py names."""
+    out = {}
+    for k, v in native.items():
+        if k.startswith("patch_embed."):
+            out["patch_embed1." + k[len("patch_embed."):]] = v
+            continue
+        stage, part, rest = re.fullmatch(r"stages\.(\d)\.(downsample|blocks|norm)\.(.+)", k).groups()
+        n = int(stage) + 1
+        if part == "downsample":
+            out[f"patch_embed{n}.{rest}"] = v
+        elif part == "norm":
+            out[f"norm{n}.{rest}"] = v
+        else:
+            out[f"block{n}.{rest.replace('mlp.dwconv.', 'mlp.dwconv.dwconv.')}"] = v
+    return out
+
+
+def levit_to_official(native: dict, depths) -> dict:
+    """pvt_d2 / timm LeViT -> facebookresearch/LeViT levit.py names (flat ``blocks`` sequence)."""
+    # flat index of every attention residual, MLP residual and shrink attention
+    index, position = {}, 0
+    for stage, depth in enumerate(depths):
+        if stage > 0:
+            index[f"stages.{stage}.downsample.attn_downsample."] = (position, "shrink")
+            index[f"stages.{stage}.downsample.mlp."] = (position + 1, "mlp")
+            position += 2
+        for j in range(depth):
+            index[f"stages.{stage}.blocks.{j}.attn."] = (position, "attn")
+            index[f"stages.{stage}.blocks.{j}.mlp."] = (position + 1, "mlp")
+            position += 2
+    renames = {
+        "attn": [("qkv.linear.", "m.qkv.c."), ("qkv.bn.", "m.qkv.bn."), ("proj.ln.linear.", "m.proj.1.c."),
+                 ("proj.ln.bn.", "m.proj.1.bn."), ("attention_biases", "m.attention_biases")],
+        "shrink": [("kv.linear.", "kv.c."), ("kv.bn.", "kv.bn."), ("q.ln.linear.", "q.1.c."), ("q.ln.bn.", "q.1.bn."),
+                   ("proj.ln.linear.", "proj.1.c."), ("proj.ln.bn.", "proj.1.bn."),
+                   ("attention_biases", "attention_biases")],
+        "mlp": [("ln1.linear.", "m.0.c."), ("ln1.bn.", "m.0.bn."), ("ln2.linear.", "m.2.c."), ("ln2.bn.", "m.2.bn.")],
+    }
+    out = {}
+    for k, v in native.items():
+        m = re.fullmatch(r"stem\.conv(\d)\.(linear|bn)\.(.+)", k)
+        if m:
+            out[f"patch_embed.{2 * (int(m.group(1)) - 1)}.{'c' if m.group(2) == 'linear' else 'bn'}.{m.group(3)}"] = v
+            continue
+        prefix = next(p for p in index if k.startswith(p))
+        position, role = index[prefix]
+        rest = k[len(prefix):]
+        old, new = next((o, n) for o, n in renames[role] if rest.startswith(o))
+        out[f"blocks.{position}.{new}{rest[len(old):]}"] = v
+        if rest == "attention_biases":  # the official code keeps the index as a persistent buffer
+            suffix = "m.attention_bias_idxs" if role == "attn" else "attention_bias_idxs"
+            out[f"blocks.{position}.{suffix}"] = torch.zeros(1, 1, dtype=torch.long)
+    return out
+
+
+def gcvit_to_official(native: dict, generation: str) -> dict:
+    """pvt_d2 / timm GC ViT -> NVlabs/GCViT models/gc_vit.py names (either query-generator generation)."""
+    mbconv = [("conv_dw.", "conv.0."), ("se.fc1.", "conv.2.fc.0."), ("se.fc2.", "conv.2.fc.2."), ("conv_pw.", "conv.3.")]
+    qgen = "q_global_gen.to_q_global" if generation == "q_global_gen" else "to_q_global"
+
+    def mb(rest):
+        return next(n + rest[len(o):] for o, n in mbconv if rest.startswith(o))
+
+    out = {}
+    for k, v in native.items():
+        if re.search(r"se\.fc[12]\.weight$", k):
+            v = v[:, :, 0, 0]  # official SE layers are Linear
+        if k.startswith("stem.conv1."):
+            out["patch_embed.proj." + k[len("stem.conv1."):]] = v
+        elif k.startswith("stem.down."):
+            rest = k[len("stem.down."):]
+            out["patch_embed.conv_down." + (mb(rest[len("conv_block."):]) if rest.startswith("conv_block.") else rest)] = v
+        elif k.startswith("stages.3.norm."):
+            out["norm." + k[len("stages.3.norm."):]] = v
+        else:
+            stage, part, rest = re.fullmatch(r"stages\.(\d)\.(downsample|global_block|blocks)\.(.+)", k).groups()
+            stage = int(stage)
+            if part == "downsample":  # officially the end of the previous level
+                rest = mb(rest[len("conv_block."):]) if rest.startswith("conv_block.") else rest
+                out[f"levels.{stage - 1}.downsample.{rest}"] = v
+            elif part == "global_block":
+                conv, sub = re.fullmatch(r"blocks\.conv(\d)\.(.+)", rest).groups()
+                out[f"levels.{stage}.{qgen}.{int(conv) - 1}.{mb(sub)}"] = v
+            else:
+                block, sub = re.fullmatch(r"(\d+)\.(.+)", rest).groups()
+                sub = {"ls1.gamma": "gamma1", "ls2.gamma": "gamma2"}.get(sub, sub)
+                sub = sub.replace("attn.rel_pos.", "attn.")
+                out[f"levels.{stage}.blocks.{block}.{sub}"] = v
+                if sub == "attn.relative_position_bias_table":
+                    out[f"levels.{stage}.blocks.{block}.attn.relative_position_index"] = torch.zeros(
+                        1, dtype=torch.long)
+    return out
+
+
+def _classifier_extras(dim: int, *names: str) -> dict:
+    g = torch.Generator().manual_seed(5)
+    shapes = {"norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (1000, dim), "head.bias": (1000,),
+              "cls_token": (1, 1, dim)}
+    return {n: torch.randn(shapes[n], generator=g) for n in names}
+
+
+def _levit_heads(dim: int) -> dict:
+    out = {}
+    for head in ("head", "head_dist"):
+        out.update({f"{head}.bn.weight": torch.ones(dim), f"{head}.bn.bias": torch.zeros(dim),
+                    f"{head}.bn.running_mean": torch.zeros(dim), f"{head}.bn.running_var": torch.ones(dim),
+                    f"{head}.bn.num_batches_tracked": torch.tensor(0), f"{head}.l.weight": torch.randn(1000, dim),
+                    f"{head}.l.bias": torch.zeros(1000)})
+    return out
+
+
+#: name -> (arch, constructor overrides, official-layout builder, file name, how the file nests the weights)
+OFFICIAL_CASES = {
+    "pvt_tiny": ("pvt_tiny", {}, lambda sd: {**pvt_to_official(sd),
+                                             **_classifier_extras(512, "norm.weight", "norm.bias", "cls_token",
+                                                                  "head.weight", "head.bias")},
+                 "pvt_tiny.pth", "model"),
+    "pvt_v2_b0": ("pvt_v2_b0", {}, lambda sd: {**pvt_v2_to_official(sd),
+                                               **_classifier_extras(256, "head.weight", "head.bias")},
+                  "pvt_v2_b0.pth", None),
+    "twins_svt_small": ("twins_svt_small", {"extra_norm": False},
+                        lambda sd: {**sd, **_classifier_extras(512, "norm.weight", "norm.bias", "head.weight",
+                                                               "head.bias")},
+                        "alt_gvt_small.pth", None),
+    "levit_128s": ("levit_128s", {}, lambda sd: {**levit_to_official(sd, (2, 3, 4)), **_levit_heads(384)},
+                   "LeViT-128S.pth", "model"),
+    "gcvit_xxtiny": ("gcvit_xxtiny", {}, lambda sd: {**gcvit_to_official(sd, "q_global_gen"),
+                                                     **_classifier_extras(512, "head.weight", "head.bias")},
+                     "gcvit_1k_xxtiny.pth.tar", "state_dict"),
+    # the earlier official generation (to_q_global directly under the level), with layer scale (gamma1/2)
+    "gcvit_xxtiny_ls": ("gcvit_xxtiny", {"layer_scale": 1e-5},
+                        lambda sd: {**gcvit_to_official(sd, "to_q_global"),
+                                    **_classifier_extras(512, "head.weight", "head.bias")},
+                        "gcvit_old.pth.tar", "state_dict"),
+    # ViP-M/7's layout (downsampling after stage 1) at one block per stage: the full variants are 25M+
+    # parameters, slow to copy around here; their identification is checked on the meta device below
+    "vip_m7_shallow": ("vip_m7", {"layers": (1, 1, 1, 1)},
+                       lambda sd: {**sd, **_classifier_extras(512, "norm.weight", "norm.bias", "head.weight",
+                                                              "head.bias")},
+                       "vip_m7.pth.tar", "state_dict_ema"),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFICIAL_CASES))
+def test_official_checkpoint_converts_key_by_key_and_loads(case, tmp_path):
+    arch, overrides, to_official, filename, nesting = OFFICIAL_CASES[case]
+    source = _model(arch, **overrides)
+    native = {k: v.clone() for k, v in source.state_dict().items()}
+    ours_only = tuple(getattr(source, "new_parameter_prefixes", ()))
+    official = to_official({k: v for k, v in native.items() if not k.startswith(ours_only)})
+    path = str(tmp_path / filename)
+    torch.save(official if nesting is None else {nesting: official, "epoch": 300}, path)
+
+    converted = convert_checkpoint(path)
+    assert converted.family == get_arch(arch).family
+    assert converted.layout == "official"
+    _, source_arch, source_hparams = describe_backbone(source)
+    assert (converted.arch, converted.hparams) == (source_arch, source_hparams)
+    if not overrides or case == "twins_svt_small":  # extra_norm does not change the variant; the others do
+        assert converted.arch == arch
+    else:
+        assert converted.arch is None
+    expected = {k: v for k, v in native.items() if not k.startswith(ours_only)}
+    _assert_same_state(converted.state_dict, expected)
+    # exactly the classifier entries and index buffers were dropped, nothing else
+    assert len(converted.dropped) == len(official) - len(expected)
+    assert all(re.search(DROPPABLE, k) for k in converted.dropped), converted.dropped
+
+    target = _scramble_(copy.deepcopy(source))
+    report = load_pretrained_backbone(target, path)
+    assert report.ok and report.missing == [] and report.unexpected == []
+    assert all(k.startswith(ours_only) for k in report.new) and (bool(report.new) == bool(ours_only))
+    loaded = target.state_dict()
+    for k in expected:
+        assert torch.equal(loaded[k], native[k]), k
+
+
+def test_official_dropped_keys_are_exactly_the_classifier_and_index_buffers(tmp_path):
+    torch.manual_seed(3)
+    levit = create_backbone("levit_128s")
+    official = {**levit_to_official(levit.state_dict(), (2, 3, 4)), **_levit_heads(384)}
+    converted = convert_state_dict(official, source="LeViT official")
+    assert all(k.startswith(("head.", "head_dist.")) or k.endswith("attention_bias_idxs")
+               for k in converted.dropped)
+    assert sum(k.endswith("attention_bias_idxs") for k in converted.dropped) == 9 + 2  # 9 blocks, 2 shrinks
+    pvt = _model("pvt_tiny")
+    official = {**pvt_to_official(pvt.state_dict()),
+                **_classifier_extras(512, "norm.weight", "norm.bias", "cls_token", "head.weight", "head.bias")}
+    converted = convert_state_dict(official)
+    assert sorted(converted.dropped) == ["cls_token", "head.bias", "head.weight", "norm.bias", "norm.weight"]
+    # the 224 px position tables keep their ImageNet shape (stage 4: 49 positions + the class slot)
+    assert converted.state_dict["stages.3.pos_embed.weight"].shape == (1, 50, 512)
+    assert converted.state_dict["stages.0.pos_embed.weight"].shape == (1, 3136, 64)
+
+
+def test_convert_tool_flags_and_nested_key(tmp_path):
+    """--arch / --layout force detection; --key picks e.g. the EMA weights."""
+    torch.manual_seed(4)
+    model = create_backbone("levit_128s")
+    official = levit_to_official(model.state_dict(), (2, 3, 4))
+    ema = {k: (v + 1 if v.is_floating_point() else v) for k, v in official.items()}
+    path = str(tmp_path / "levit.pth")
+    torch.save({"model": official, "model_ema": ema}, path)
+    out = str(tmp_path / "levit_d2.pth")
+    assert convert_main([path, out, "--arch", "levit_128s", "--layout", "official", "--key", "model_ema"]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["__author__"] == "pvt_d2" and saved["matching_heuristics"] is True
+    assert saved["pvt_d2"]["arch"] == "levit_128s" and saved["pvt_d2"]["source_layout"] == "official"
+    native = model.state_dict()
+    k = "stages.1.blocks.0.attn.attention_biases"
+    assert torch.equal(saved["model"][k], native[k] + 1)
+    # forcing the wrong layout is refused: the keys do not map
+    assert convert_main([path, str(tmp_path / "bad.pth"), "--layout", "timm"]) == 1
+    assert not os.path.exists(tmp_path / "bad.pth")
+
+
+def test_every_registered_variant_is_identified_from_its_shapes():
+    """The variant numbers of each registry entry are unique and read back from the model's own state dict."""
+    signatures = {}
+    for arch in list_architectures():
+        hp = arch_hparams(arch)
+        assert match_arch(get_arch(arch).family, hp) == arch
+        signatures.setdefault((get_arch(arch).family, repr(hp)), []).append(arch)
+    assert all(len(v) == 1 for v in signatures.values()), signatures
+    # from the shapes (meta tensors are enough): every family whose construction allows it, plus
+    # the small PVT v1 / v2 variants on the CPU
+    checked = []
+    for arch in list_architectures():
+        model = _meta_backbone(arch)
+        if model is None and arch in ("pvt_tiny", "pvt_v2_b0", "pvt_v2_b1"):
+            model = create_backbone(arch)
+        if model is None and get_arch(arch).family == "levit":  # tiny, builds in milliseconds
+            model = create_backbone(arch)
+        if model is None:
+            continue
+        family, found, _ = describe_backbone(model)
+        assert (family, found) == (get_arch(arch).family, arch)
+        checked.append(arch)
+    assert {get_arch(a).family for a in checked} == {"pvt", "pvt_v2", "twins", "levit", "gcvit", "vip"}
+    assert len(checked) >= 22
+
+
+# ---------------------------------------------------------------------------
+# (3) refusals
+# ---------------------------------------------------------------------------
+def test_wrong_family_is_refused_naming_both(tmp_path):
+    state, _ = _timm_source("levit_128s")
+    path = str(tmp_path / "levit.pth")
+    torch.save(state, path)
+    model = _model("pvt_v2_b0")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained_backbone(model, path)
+    msg = str(e.value)
+    assert "checkpoint is levit_128s" in msg and "model is pvt_v2_b0" in msg and path in msg
+    # the tool refuses the same with --arch
+    assert convert_main([path, str(tmp_path / "out.pth"), "--arch", "pvt_v2_b0"]) == 1
+    assert not os.path.exists(tmp_path / "out.pth")
+
+
+def test_wrong_variant_is_refused_naming_both(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "b1.pth")
+    torch.save(create_backbone("pvt_v2_b1").state_dict(), path)
+    model = _model("pvt_v2_b0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained_backbone(model, path)
+    msg = str(e.value)
+    assert "checkpoint is pvt_v2_b1" in msg and "but the model is pvt_v2_b0" in msg
+    assert "embed_dims=(64, 128, 320, 512)" in msg and "embed_dims=(32, 64, 160, 256)" in msg
+    _assert_same_state(model.state_dict(), before)  # nothing was loaded
+    # same shapes except the attention reduction: linear (li) vs regular SRA
+    path = str(tmp_path / "b0_li.pth")
+    torch.save(pvt_v2_to_official(create_backbone("pvt_v2_b0", linear=True).state_dict()), path)
+    with pytest.raises(CheckpointError, match=r"checkpoint is an unregistered pvt_v2 variant \(detected from "
+                                              r"linear=True\) but the model is pvt_v2_b0 \(linear=False\)"):
+        convert_checkpoint(path, arch="pvt_v2_b0")
+
+
+def test_partial_or_mismatched_load_is_refused_with_a_table(tmp_path):
+    model = _model("pvt_v2_b0")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = {
+        "missing": ({k: v for k, v in good.items() if k != "stages.2.blocks.1.attn.kv.weight"},
+                    "MISSING", "stages.2.*"),
+        "unexpected": ({**good, "stages.0.blocks.0.attn.extra": torch.zeros(3)}, "UNEXPECTED", "stages.0.*"),
+        "shape": ({**good, "stages.1.blocks.0.attn.q.weight": torch.zeros(64, 65)}, "SHAPE MISMATCH",
+                  "stages.1.blocks.0.attn.q.weight: checkpoint (64, 65) vs model (64, 64)"),
+    }
+    for name, (state, row, detail) in cases.items():
+        path = str(tmp_path / f"{name}.pth")
+        torch.save(state, path)
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained_backbone(model, path)
+        msg = str(e.value)
+        assert "refusing a partial load into pvt_v2_b0" in msg and path in msg, name
+        assert re.search(rf"\| {row}\s*\|\s*1 \|", msg), (name, msg)
+        assert detail in msg, (name, msg)
+        _assert_same_state(model.state_dict(), before)
+
+
+def test_unreadable_files_are_refused_with_the_file_name(tmp_path):
+    torch.manual_seed(0)
+    state = create_backbone("levit_128s").state_dict()
+    full = tmp_path / "full.pth"
+    torch.save(state, str(full))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    full_st = tmp_path / "full.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(full_st))
+    truncated_st = tmp_path / "truncated.safetensors"
+    truncated_st.write_bytes(full_st.read_bytes()[:-100])
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    no_tensors = tmp_path / "list.pth"
+    torch.save([1, 2, 3], str(no_tensors))
+    expected = {truncated: "truncated", truncated_st: "truncated", text: "not a checkpoint", empty: "empty",
+                no_tensors: "not a state dict", tmp_path / "absent.pth": "not found"}
+    model = create_backbone("levit_128s")
+    for path, words in expected.items():
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained_backbone(model, str(path))
+        assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+
+
+class _Exploit:
+    """Pickles as a call to ``os.system`` that would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    zip_file = tmp_path / "evil.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(1)}, "extra": _Exploit(marker)}, str(zip_file))
+    legacy = tmp_path / "evil_legacy.pth"
+    torch.save({"model": _Exploit(marker)}, str(legacy), _use_new_zipfile_serialization=False)
+    raw2 = tmp_path / "evil_p2.pkl"
+    with open(raw2, "wb") as f:
+        pickle.dump({"state_dict": _Exploit(marker)}, f, protocol=2)
+    raw5 = tmp_path / "evil_p5.pkl"
+    with open(raw5, "wb") as f:
+        pickle.dump({"state_dict": _Exploit(marker)}, f, protocol=5)
+    model = _model("pvt_v2_b0")
+    runs_code = f"would import or run Python code ({os.system.__module__}.system)"
+    expected = {zip_file: runs_code, legacy: runs_code, raw2: runs_code,
+                raw5: "content the safe loader does not rebuild"}
+    for path, reason in expected.items():
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained_backbone(model, str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"Refusing to load {path}: ") and reason in msg, msg
+        with pytest.raises(CheckpointError, match="Refusing to load"):
+            read_state_dict(str(path))
+        assert convert_main([str(path), str(tmp_path / "out.pth")]) == 1
+        assert not os.path.exists(tmp_path / "out.pth")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# (4) end to end: MODEL.PVT_D2.PRETRAINED and MODEL.WEIGHTS in real detectors
+# ---------------------------------------------------------------------------
+def _cfg(*opts):
+    cfg = load_config(os.path.join(REPO, "configs", "mask_rcnn_pvt_v2_b0.yaml"),
+                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", *opts])
+    return cfg
+
+
+def test_detector_config_pretrained_and_converted_weights(tmp_path):
+    from pvt_d2.engine import Trainer
+
+    state, _ = _timm_source("pvt_v2_b0")
+    timm_file = str(tmp_path / "pvt_v2_b0.in1k.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, timm_file)
+    expected = {k: v for k, v in state.items() if not k.startswith("head.")}
+
+    # MODEL.PVT_D2.PRETRAINED: loaded when the trainer builds the model
+    model = Trainer.build_model(_cfg("MODEL.PVT_D2.PRETRAINED", timm_file))
+    _assert_same_state(model.backbone.bottom_up.state_dict(), expected)
+
+    # tools/convert_pretrained.py output as MODEL.WEIGHTS through DetectionCheckpointer
+    converted = str(tmp_path / "pvt_v2_b0_d2.pth")
+    assert convert_main([timm_file, converted]) == 0
+    fpn_model = build_model(_cfg())
+    fpn_before = {k: v.clone() for k, v in fpn_model.state_dict().items() if not k.startswith("backbone.bottom_up.")}
+    DetectionCheckpointer(fpn_model).load(converted)
+    _assert_same_state(fpn_model.backbone.bottom_up.state_dict(), expected)
+    after = fpn_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fpn_before.items())  # nothing else was touched
+
+    # the same file into a plain backbone (keys "backbone.*")
+    cfg = _cfg("MODEL.BACKBONE.NAME", "build_pvt_d2_backbone")
+    plain = nn.Module()
+    plain.backbone = build_backbone(cfg)
+    DetectionCheckpointer(plain).load(converted)
+    _assert_same_state(plain.backbone.state_dict(), expected)
+
+    # and the converted file is itself accepted by MODEL.PVT_D2.PRETRAINED
+    plain2 = nn.Module()
+    plain2.backbone = build_backbone(cfg)
+    report = load_pretrained_backbone(plain2, converted)
+    assert report.ok and report.dropped == []
+    _assert_same_state(plain2.backbone.state_dict(), expected)

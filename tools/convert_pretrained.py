@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Convert an ImageNet checkpoint into a detectron2 ``MODEL.WEIGHTS`` file for a pvt_d2 backbone.
+
+The input may be any supported family (PVT v1/v2, Twins, LeViT, GC ViT, ViP)
+in its official repository's layout or in timm's, as ``.pth``, ``.pth.tar``,
+``.bin`` or ``.safetensors``, possibly nested under ``model`` / ``state_dict``
+/ ``model_ema``. Family, layout and variant are detected from the keys and
+shapes (or forced with ``--arch`` / ``--layout``); the classifier is dropped;
+the result is checked by loading it into the variant's backbone, which must
+take every key (only modules that are new in the backbone may be missing).
+
+Examples::
+
+    python tools/convert_pretrained.py pvt_v2_b2.pth pvt_v2_b2_d2.pth
+    python tools/convert_pretrained.py model.safetensors levit_128s_d2.pth --arch levit_128s --layout timm
+    python tools/train_net.py --config-file configs/retinanet_pvt_v2_b2.yaml MODEL.WEIGHTS pvt_v2_b2_d2.pth
+
+The output keys are relative to the backbone and flagged with
+``matching_heuristics``, so detectron2 maps them to ``backbone.bottom_up.*``
+(FPN) or ``backbone.*`` (plain backbone). ``MODEL.PVT_D2.PRETRAINED`` accepts
+the input file directly as well.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pvt_d2.checkpoint import CheckpointError, convert_checkpoint, load_converted, save_for_detectron2  # noqa: E402
+from pvt_d2.modeling import create_backbone, list_architectures  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="ImageNet checkpoint (.pth, .pth.tar, .bin, .safetensors)")
+    parser.add_argument("output", help="detectron2 weights file to write (.pth)")
+    parser.add_argument("--arch", choices=list_architectures(), default=None,
+                        help="variant the checkpoint must be (default: detected from its shapes)")
+    parser.add_argument("--layout", choices=("official", "timm", "pvt_d2"), default=None,
+                        help="key layout of the input (default: detected from its keys)")
+    parser.add_argument("--key", default=None,
+                        help="entry holding the weights, e.g. model_ema (default: model, state_dict, ... or top level)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("pvt_d2.convert_pretrained")
+    try:
+        converted = convert_checkpoint(args.input, arch=args.arch, layout=args.layout, key=args.key)
+        if converted.arch is None:
+            raise CheckpointError(f"{args.input}: {converted.label} is not a registered architecture; nothing to "
+                                  f"check it against (registered: {', '.join(list_architectures(converted.family))})")
+        report = load_converted(create_backbone(converted.arch), converted)
+    except CheckpointError as e:
+        log.error(f"error: {e}")
+        return 1
+    save_for_detectron2(converted, args.output)
+    log.info(f"{converted.arch}: {len(report.loaded)} tensors from the {converted.layout} layout "
+             f"({len(report.dropped)} classifier keys dropped, {len(report.new)} new backbone keys left at init) "
+             f"written to {args.output}\nUse it with: MODEL.PVT_D2.ARCH {converted.arch} MODEL.WEIGHTS {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""Generate ``MODEL_ZOO.md``: size, cost and speed of every detector config.
+
+    python tools/model_zoo.py                          # all configs -> MODEL_ZOO.md (~15 min on 2 cores)
+    python tools/model_zoo.py --only pvt_v2_b0 --output /tmp/zoo.md
+    python tools/model_zoo.py --check                  # MODEL_ZOO.md lists every config, params up to date
+    python tools/model_zoo.py --check --only pvt_v2_b0 # the same for one architecture (fast)
+
+For every generated detector config in ``configs/`` (``base/`` and the
+quickstart are skipped) the table gives the parameters of the backbone and of
+the whole detector, the backbone's FLOPs on a 1333x800 image, the backbone's
+CPU latency (batch 1, fp32) and the COCO AP published by the papers for that
+backbone and detector where there is one. Everything except the published AP
+is measured by this script; per-backbone numbers (FLOPs, latency) are
+measured once per ``MODEL.PVT_D2.ARCH`` and shared by its four detectors.
+Detector parameters come from :func:`pvt_d2.utils.analysis.detector_parameter_counts`.
+"""
+import argparse
+import datetime
+import glob
+import os
+import platform
+import re
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import pvt_d2.modeling  # noqa: E402,F401
+from pvt_d2.config import load_config  # noqa: E402
+from pvt_d2.modeling import get_arch  # noqa: E402
+from pvt_d2.utils.analysis import (  # noqa: E402
+    build_backbone,
+    count_parameters,
+    detector_parameter_counts,
+    flop_analysis,
+    random_images,
+    run_benchmark,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs")
+DEFAULT_OUTPUT = os.path.join(REPO, "MODEL_ZOO.md")
+FLOP_SIZE = (800, 1333)  # (height, width)
+
+# Detector of a config, from the base file it inherits (configs/base/<key>.yaml).
+DETECTORS = OrderedDict([
+    ("retinanet_1x", "RetinaNet 1x"),
+    ("mask_rcnn_1x", "Mask R-CNN 1x"),
+    ("mask_rcnn_3x", "Mask R-CNN 3x"),
+    ("cascade_mask_rcnn_3x", "Cascade Mask R-CNN 3x"),
+])
+FAMILIES = OrderedDict([
+    ("pvt", "PVT v1"), ("pvt_v2", "PVT v2"), ("twins", "Twins"),
+    ("gcvit", "GC ViT"), ("levit", "LeViT"), ("vip", "Vision Permutator"),
+])
+
+# Published COCO val2017 results: box AP, or "box / mask" AP. These are the
+# papers' own numbers, obtained with mmdetection and ImageNet-1k pretrained
+# backbones; pvt_d2 has NOT reproduced them (its detectron2 recipe differs in
+# details such as the data pipeline and the RPN / head settings). Sources:
+#   PVT v1: W. Wang et al., "Pyramid Vision Transformer: A Versatile Backbone
+#           for Dense Prediction without Convolutions", ICCV 2021.
+#   PVT v2: W. Wang et al., "PVT v2: Improved Baselines with Pyramid Vision
+#           Transformer", Computational Visual Media 2022.
+#   Twins:  X. Chu et al., "Twins: Revisiting the Design of Spatial Attention
+#           in Vision Transformers", NeurIPS 2021.
+#   GC ViT: A. Hatamizadeh et al., "Global Context Vision Transformers", ICML 2023.
+# (collected in /work/shared/REFERENCE.md, "Published COCO results").
+# Keys: (MODEL.PVT_D2.ARCH, detector). "retinanet_3x" has no config here and
+# is listed under the table.
+PUBLISHED_AP: Dict[tuple, str] = {
+    ("pvt_tiny", "retinanet_1x"): "36.7", ("pvt_tiny", "retinanet_3x"): "39.4",
+    ("pvt_tiny", "mask_rcnn_1x"): "36.7 / 35.1", ("pvt_tiny", "mask_rcnn_3x"): "39.8 / 37.4",
+    ("pvt_small", "retinanet_1x"): "40.4", ("pvt_small", "retinanet_3x"): "42.2",
+    ("pvt_small", "mask_rcnn_1x"): "40.4 / 37.8", ("pvt_small", "mask_rcnn_3x"): "43.0 / 39.9",
+    ("pvt_medium", "retinanet_1x"): "41.9", ("pvt_medium", "retinanet_3x"): "43.2",
+    ("pvt_medium", "mask_rcnn_1x"): "42.0 / 39.0", ("pvt_medium", "mask_rcnn_3x"): "44.2 / 40.5",
+    ("pvt_large", "retinanet_1x"): "42.6", ("pvt_large", "retinanet_3x"): "43.4",
+    ("pvt_large", "mask_rcnn_1x"): "42.9 / 39.5", ("pvt_large", "mask_rcnn_3x"): "44.5 / 40.7",
+    ("pvt_v2_b0", "retinanet_1x"): "37.2", ("pvt_v2_b0", "mask_rcnn_1x"): "38.2 / 36.2",
+    ("pvt_v2_b1", "retinanet_1x"): "41.2", ("pvt_v2_b1", "mask_rcnn_1x"): "41.8 / 38.8",
+    ("pvt_v2_b2", "retinanet_1x"): "44.6", ("pvt_v2_b2", "mask_rcnn_1x"): "45.3 / 41.2",
+    ("pvt_v2_b2", "cascade_mask_rcnn_3x"): "51.1 / 44.4",
+    ("pvt_v2_b2_li", "retinanet_1x"): "43.6", ("pvt_v2_b2_li", "mask_rcnn_1x"): "44.1 / 40.5",
+    ("pvt_v2_b2_li", "cascade_mask_rcnn_3x"): "50.9 / 44.0",
+    ("pvt_v2_b3", "retinanet_1x"): "45.9", ("pvt_v2_b3", "mask_rcnn_1x"): "47.0 / 42.5",
+    ("twins_pcpvt_small", "retinanet_1x"): "43.0", ("twins_pcpvt_small", "retinanet_3x"): "45.2",
+    ("twins_pcpvt_small", "mask_rcnn_1x"): "42.9 / 40.0", ("twins_pcpvt_small", "mask_rcnn_3x"): "46.8 / 42.6",
+    ("twins_svt_small", "retinanet_1x"): "43.0", ("twins_svt_small", "retinanet_3x"): "45.6",
+    ("twins_svt_small", "mask_rcnn_1x"): "43.4 / 40.3", ("twins_svt_small", "mask_rcnn_3x"): "46.8 / 42.6",
+    ("twins_pcpvt_base", "retinanet_1x"): "44.3", ("twins_pcpvt_base", "retinanet_3x"): "46.4",
+    ("twins_pcpvt_base", "mask_rcnn_1x"): "44.6 / 40.9", ("twins_pcpvt_base", "mask_rcnn_3x"): "47.9 / 43.2",
+    ("twins_svt_base", "retinanet_1x"): "45.3", ("twins_svt_base", "retinanet_3x"): "46.9",
+    ("twins_svt_base", "mask_rcnn_1x"): "45.2 / 41.5", ("twins_svt_base", "mask_rcnn_3x"): "48.0 / 43.0",
+    ("gcvit_tiny", "mask_rcnn_3x"): "47.9 / 43.2", ("gcvit_tiny", "cascade_mask_rcnn_3x"): "51.6 / 44.6",
+    ("gcvit_small", "cascade_mask_rcnn_3x"): "52.4 / 45.4",
+    ("gcvit_base", "cascade_mask_rcnn_3x"): "52.9 / 45.8",
+}
+EXTRA_DETECTORS = {"retinanet_3x": "RetinaNet 3x"}  # published, but no config in configs/
+
+
+def config_detector(path: str) -> str:
+    """Detector key of a config: the name of the ``base/`` file it inherits from (e.g. ``mask_rcnn_3x``)."""
+    with open(path) as f:
+        base = (yaml.safe_load(f) or {}).get("_BASE_", "")
+    return os.path.splitext(os.path.basename(base))[0]
+
+
+def list_configs(config_dir: str = CONFIG_DIR, only: Optional[List[str]] = None) -> List[Dict]:
+    """The detector configs of the table, ordered by family, variant, then detector.
+
+    Each entry: ``name``, ``path``, ``detector`` (a :data:`DETECTORS` key),
+    ``arch`` and ``family``. Files in sub-folders (``base/``), the quickstart
+    and configs inheriting from no known detector base are left out.
+    """
+    entries = []
+    for path in sorted(glob.glob(os.path.join(config_dir, "*.yaml"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name.startswith("quickstart"):
+            continue
+        detector = config_detector(path)
+        if detector not in DETECTORS:
+            continue
+        arch = load_config(path).MODEL.PVT_D2.ARCH
+        if only and arch not in only:
+            continue
+        entries.append({"name": name, "path": path, "detector": detector, "arch": arch,
+                        "family": get_arch(arch).family})
+    family_order = list(FAMILIES)
+    detector_order = list(DETECTORS)
+    entries.sort(key=lambda e: (family_order.index(e["family"]) if e["family"] in family_order else 99,
+                                _arch_sort_key(e["arch"]), detector_order.index(e["detector"])))
+    return entries
+
+
+_SIZE_ORDER = ["xxtiny", "xtiny", "tiny", "small", "medium", "base", "large"]
+
+
+def _arch_sort_key(arch: str):
+    """Variants from small to large: numbers (b0..b5, 128s..384, s7..l7) and size words."""
+    last = arch.split("_")[-1]
+    if last in _SIZE_ORDER:
+        return (0, _SIZE_ORDER.index(last), arch)
+    m = re.search(r"(\d+)", arch.split("_", 1)[-1])
+    return (1, int(m.group(1)) if m else 0, arch)
+
+
+def _backbone_key(cfg) -> str:
+    """Settings that determine the backbone's parameters (drop path and pretrained file do not)."""
+    node = cfg.MODEL.PVT_D2.clone()
+    node.defrost()
+    node.DROP_PATH_RATE = 0.0
+    node.PRETRAINED = ""
+    return node.dump() + str(len(cfg.MODEL.PIXEL_MEAN))
+
+
+def measure(entries: List[Dict], flops: bool = True, latency: bool = True, latency_iters: int = 2,
+            size=FLOP_SIZE, log=print) -> Dict:
+    """Measure the table's numbers.
+
+    Returns:
+        ``{"archs": {arch: {"params", "gflops", "latency_ms"}}, "configs": {name: {"backbone_params",
+        "detector_params"}}}``; ``gflops`` / ``latency_ms`` are None when not measured.
+    """
+    archs, configs = OrderedDict(), OrderedDict()
+    by_arch = OrderedDict()
+    for e in entries:
+        by_arch.setdefault(e["arch"], []).append(e)
+    for i, (arch, group) in enumerate(by_arch.items()):
+        start = time.perf_counter()
+        backbones = {}
+        for e in group:
+            cfg = load_config(e["path"], ["MODEL.DEVICE", "cpu"])
+            key = _backbone_key(cfg)
+            if key not in backbones:
+                backbones[key] = build_backbone(cfg)
+            configs[e["name"]] = {
+                f"{k}_params": v for k, v in detector_parameter_counts(cfg, backbones[key]).items()}
+        # FLOPs / latency on the backbone returning the most levels (they all compute the same stages)
+        backbone = max(backbones.values(), key=lambda b: len(b.output_shape()))
+        stats = {"params": count_parameters(backbone), "gflops": None, "latency_ms": None}
+        image = random_images(1, *size)
+        if flops:
+            stats["gflops"] = flop_analysis(backbone, (image,)).total() / 1e9
+        if latency:
+            # the FLOP count's traced forward pass doubles as the warm-up
+            result = run_benchmark(lambda: backbone(image), name=arch, device="cpu", iters=latency_iters,
+                                   warmup=0 if flops else 1, size=size)
+            stats["latency_ms"] = result.mean_ms
+        archs[arch] = stats
+        del backbones, backbone
+        log(f"[{i + 1}/{len(by_arch)}] {arch}: {stats['params'] / 1e6:.2f} M params"
+            + (f", {stats['gflops']:.1f} GFLOPs" if stats["gflops"] is not None else "")
+            + (f", {stats['latency_ms']:.0f} ms" if stats["latency_ms"] is not None else "")
+            + f" ({time.perf_counter() - start:.0f} s)")
+    return {"archs": archs, "configs": configs}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def _opt(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
+
+
+def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
+    """The Markdown text of ``MODEL_ZOO.md``."""
+    h, w = run_info["size"]
+    lines = [
+        "# pvt_d2 model zoo",
+        "",
+        "<!-- Generated by tools/model_zoo.py; do not edit by hand. Regenerate with: python tools/model_zoo.py -->",
+        "",
+        f"Measured on {run_info['date']} on {run_info['machine']}. "
+        f"Load average (1 / 5 / 15 min) {run_info['load_start']} at the start and {run_info['load_end']} at the end "
+        f"({run_info['minutes']:.0f} min in all).",
+        "",
+        "**No COCO-trained pvt_d2 weights are published yet.** The AP column quotes the papers (see below); "
+        "everything else is measured by `tools/model_zoo.py` from the code in this repository:",
+        "",
+        "- **Params**: `sum(p.numel())` of the built backbone and of the whole detector "
+        "(`detectron2.modeling.build_model`), in millions.",
+        f"- **GFLOPs**: backbone only (no FPN or heads), one {w}x{h} image, counted by fvcore "
+        "(one multiply-add = one FLOP, as in the papers; attention products included, element-wise ops not). "
+        "Whole-detector FLOPs: `tools/analyze_model.py`.",
+        f"- **CPU ms**: backbone forward pass, batch 1, {w}x{h}, fp32, mean of {run_info['latency_iters']} passes "
+        "after a warm-up. The machine was shared with other jobs running tests at the same time, so these "
+        "latencies are noisy: read them as rough relative costs on a small CPU, not as benchmarks. "
+        "Measure your own hardware with `tools/benchmark.py` (GPU, AMP, batch sizes).",
+        "- **Published AP**: COCO val2017 box AP, or box / mask AP, as **published by the papers, trained with "
+        "mmdetection** (ImageNet-1k pretraining; 1x = 12 epochs single-scale, 3x = 36 epochs multi-scale). "
+        "**Not reproduced here**; \"-\": no published number for that backbone and detector.",
+        "",
+        "## Backbones",
+        "",
+        f"| Backbone (`MODEL.PVT_D2.ARCH`) | Family | Params (M) | GFLOPs @{w}x{h} | CPU ms @{w}x{h} |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for arch, s in data["archs"].items():
+        family = FAMILIES.get(get_arch(arch).family, get_arch(arch).family)
+        lines.append(f"| `{arch}` | {family} | {_millions(s['params'])} | {_opt(s['gflops'], '.1f')} | "
+                     f"{_opt(s['latency_ms'], '.0f')} |")
+    lines += ["", "## Detectors", ""]
+    by_family = OrderedDict()
+    for e in entries:
+        by_family.setdefault(e["family"], []).append(e)
+    for family, group in by_family.items():
+        lines += [f"### {FAMILIES.get(family, family)}", "",
+                  "| Config | Detector | Backbone | Backbone params (M) | Detector params (M) | "
+                  "Backbone GFLOPs | Backbone CPU ms | Published AP (mmdetection, not reproduced) |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        for e in group:
+            s, c = data["archs"][e["arch"]], data["configs"][e["name"]]
+            lines.append(
+                f"| [{e['name']}](configs/{e['name']}.yaml) | {DETECTORS[e['detector']]} | `{e['arch']}` | "
+                f"{_millions(c['backbone_params'])} | {_millions(c['detector_params'])} | "
+                f"{_opt(s['gflops'], '.1f')} | {_opt(s['latency_ms'], '.0f')} | "
+                f"{PUBLISHED_AP.get((e['arch'], e['detector']), '-')} |")
+        lines.append("")
+    extra = [f"`{arch}` {EXTRA_DETECTORS[det]}: {ap}" for (arch, det), ap in PUBLISHED_AP.items()
+             if det in EXTRA_DETECTORS and arch in data["archs"]]
+    lines += [
+        "## Notes on the published numbers",
+        "",
+        "Sources: PVT v1 (Wang et al., ICCV 2021), PVT v2 (Wang et al., CVMJ 2022), Twins (Chu et al., "
+        "NeurIPS 2021), GC ViT (Hatamizadeh et al., ICML 2023); all trained with mmdetection. LeViT and "
+        "Vision Permutator have no published detection results.",
+    ]
+    if extra:
+        lines += ["", "Published results for detectors without a config here: " + "; ".join(extra) + "."]
+    lines += ["", "A detectron2 port of PVT (pvt_detectron2) reported RetinaNet 1x box AP 41.6 (PVT-S), "
+              "44.2 (PCPVT-S) and 43.1 (SVT-S).", ""]
+    return "\n".join(lines)
+
+
+_ROW = re.compile(r"^\| \[(?P<name>[^\]]+)\]\(configs/[^)]+\) \| [^|]+ \| `(?P<arch>[^`]+)` \| "
+                  r"(?P<bb>[0-9.]+) \| (?P<det>[0-9.]+) \|")
+
+
+def check(path: str, entries: List[Dict], only: Optional[List[str]]) -> List[str]:
+    """Problems of an existing ``MODEL_ZOO.md``: missing / extra / stale rows (parameters recomputed)."""
+    if not os.path.isfile(path):
+        return [f"{path} does not exist; run python tools/model_zoo.py"]
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            m = _ROW.match(line)
+            if m:
+                rows[m.group("name")] = m.groupdict()
+    problems = []
+    names = {e["name"] for e in entries}
+    for name in sorted(set(rows) - names):
+        if not only or rows[name]["arch"] in only:
+            problems.append(f"{name}: listed but no such detector config")
+    data = measure(entries, flops=False, latency=False, log=lambda *_: None)
+    for e in entries:
+        row = rows.get(e["name"])
+        if row is None:
+            problems.append(f"{e['name']}: missing")
+            continue
+        c = data["configs"][e["name"]]
+        expected = (_millions(c["backbone_params"]), _millions(c["detector_params"]))
+        if (row["bb"], row["det"]) != expected:
+            problems.append(f"{e['name']}: params {row['bb']} / {row['det']} M in the file, "
+                            f"{expected[0]} / {expected[1]} M now")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Markdown file to write (default MODEL_ZOO.md)")
+    parser.add_argument("--only", nargs="+", metavar="ARCH", help="only these MODEL.PVT_D2.ARCH values")
+    parser.add_argument("--check", action="store_true",
+                        help="do not write: verify --output lists every config with up-to-date parameters")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency")
+    parser.add_argument("--iters", type=int, default=2, help="timed passes per backbone (default 2)")
+    args = parser.parse_args(argv)
+    if args.only:
+        unknown = []
+        for arch in args.only:
+            try:
+                get_arch(arch)
+            except KeyError:
+                unknown.append(arch)
+        if unknown:
+            print(f"ERROR: unknown architecture(s) {', '.join(unknown)}", file=sys.stderr)
+            return 2
+    entries = list_configs(only=args.only)
+    if not entries:
+        print("ERROR: no detector configs found", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    if args.check:
+        problems = check(args.output, entries, args.only)
+        for p in problems:
+            print(p)
+        print(f"{args.output}: {len(entries)} configs checked, {len(problems)} problem(s)")
+        return 1 if problems else 0
+    start, load_start = time.time(), os.getloadavg()
+    data = measure(entries, flops=not args.no_flops, latency=not args.no_latency, latency_iters=args.iters,
+                   log=lambda msg: print(msg, flush=True))
+    run_info = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine_description(),
+        "load_start": " / ".join(f"{x:.1f}" for x in load_start),
+        "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "minutes": (time.time() - start) / 60,
+        "size": FLOP_SIZE,
+        "latency_iters": args.iters,
+    }
+    text = render(entries, data, run_info)
+    with open(args.output, "w") as f:
+        f.write(text)
+    print(f"wrote {args.output} ({len(entries)} configs, {len(data['archs'])} backbones, "
+          f"{run_info['minutes']:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
