@@ -48,7 +48,13 @@ X224 = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 # Helpers
 # ---------------------------------------------------------------------------
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every learned table, layer scale, norm and BN statistic away from its init."""
+    """Move every tensor whose init is not already random away from it.
+
+    Learned tables and layer scales are re-drawn at a visible scale, batch-norm
+    statistics and scales made non-trivial, and every vector (norm weights and
+    biases, linear biases) perturbed, so that two swapped norms or biases
+    cannot go unnoticed. Weight matrices and kernels keep their random init.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -64,8 +70,8 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
             elif name.endswith("bn.weight"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                t.add_(torch.randn(t.shape, generator=g) * 0.02)
+            elif t.dim() <= 1:
+                t.add_(torch.randn(t.shape, generator=g) * 0.05)
     return model
 
 
@@ -89,6 +95,20 @@ def _scramble_(model: nn.Module) -> nn.Module:
 _MODEL_CACHE = {}
 
 
+def _materialize(model: nn.Module, seed: int = 2) -> nn.Module:
+    """Give a meta-device model (without buffers) CPU weights: N(0, 0.02) matrices, unit norm scales, zero biases."""
+    assert not list(model.buffers())
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model
+
+
 def _meta_backbone(arch: str, **overrides):
     """The backbone built on the meta device (shapes only, instant), or None where construction needs data."""
     try:
@@ -98,8 +118,8 @@ def _meta_backbone(arch: str, **overrides):
         return None
 
 
-def _model(arch: str, **overrides) -> nn.Module:
-    """A fresh copy of a randomized pvt_d2 backbone, built once per arch and overrides.
+def _model(arch: str, fresh: bool = True, **overrides) -> nn.Module:
+    """A randomized pvt_d2 backbone, built once per arch and overrides; a copy unless ``fresh=False``.
 
     The weight init of the large variants is slow on CPU; a model without
     buffers is therefore built on the meta device and filled with random
@@ -110,15 +130,11 @@ def _model(arch: str, **overrides) -> nn.Module:
         torch.manual_seed(2)
         model = _meta_backbone(arch, **overrides)
         if model is not None and not list(model.buffers()):
-            model = model.to_empty(device="cpu")
-            g = torch.Generator().manual_seed(2)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            model = _materialize(model)
         else:
             model = create_backbone(arch, **overrides)
         _MODEL_CACHE[key] = _randomize(model.eval())
-    return copy.deepcopy(_MODEL_CACHE[key])
+    return copy.deepcopy(_MODEL_CACHE[key]) if fresh else _MODEL_CACHE[key]
 
 
 def _levit_reference(t: nn.Module, x: torch.Tensor) -> dict:
@@ -149,9 +165,14 @@ _TIMM_CACHE = {}
 def _timm_source(name: str):
     """(state dict in timm's layout, timm's features at 224) for a randomized timm classifier, cached."""
     if name not in _TIMM_CACHE:
-        torch.manual_seed(0)
-        t = _randomize(timm.create_model(name).eval())
-        _TIMM_CACHE[name] = ({k: v.clone() for k, v in t.state_dict().items()}, _timm_reference(name, t, X224))
+        t = timm.create_model(name, device="meta")
+        if list(t.buffers()):  # index buffers are computed at construction: build for real
+            torch.manual_seed(0)
+            t = timm.create_model(name)
+        else:
+            t = _materialize(t, seed=0)
+        t = _randomize(t.eval())
+        _TIMM_CACHE[name] = (t.state_dict(), _timm_reference(name, t, X224))
     return _TIMM_CACHE[name]
 
 
@@ -191,7 +212,7 @@ def test_timm_checkpoint_loads_and_reproduces_timm_features(name, tmp_path):
 def test_twins_svt_detection_norms_are_reported_as_new():
     """SVT's default detection design adds per-stage LayerNorms that no ImageNet file has: new, not missing."""
     state, _ = _timm_source("twins_svt_small")
-    model = _model("twins_svt_small")  # extra_norm on
+    model = _model("twins_svt_small", fresh=False)  # extra_norm on (this cached model has no other user)
     converted = convert_state_dict(state, source="twins_svt_small (timm)")
     from pvt_d2.checkpoint import load_converted
 
@@ -292,10 +313,15 @@ def levit_to_official(native: dict, depths) -> dict:
 
 def gcvit_to_official(native: dict, generation: str) -> dict:
     """pvt_d2 / timm GC ViT -> NVlabs/GCViT models/gc_vit.py names (either query-generator generation)."""
-    mbconv = [("conv_dw.", "conv.0."), ("se.fc1.", "conv.2.fc.0."), ("se.fc2.", "conv.2.fc.2."), ("conv_pw.", "conv.3.")]
+    mbconv = [("conv_dw.", "conv.0."), ("se.fc1.", "conv.2.fc.0."), ("se.fc2.", "conv.2.fc.2."),
+              ("conv_pw.", "conv.3.")]
     qgen = "q_global_gen.to_q_global" if generation == "q_global_gen" else "to_q_global"
 
-    def mb(rest):
+    def mb(rest):  # a Fused-MBConv / downsampler parameter, under its official name
+        if rest.startswith("conv_block."):
+            rest = rest[len("conv_block."):]
+        elif not rest.startswith(("conv_dw.", "se.", "conv_pw.")):
+            return rest  # norm1, norm2, reduction
         return next(n + rest[len(o):] for o, n in mbconv if rest.startswith(o))
 
     out = {}
@@ -305,16 +331,14 @@ def gcvit_to_official(native: dict, generation: str) -> dict:
         if k.startswith("stem.conv1."):
             out["patch_embed.proj." + k[len("stem.conv1."):]] = v
         elif k.startswith("stem.down."):
-            rest = k[len("stem.down."):]
-            out["patch_embed.conv_down." + (mb(rest[len("conv_block."):]) if rest.startswith("conv_block.") else rest)] = v
+            out["patch_embed.conv_down." + mb(k[len("stem.down."):])] = v
         elif k.startswith("stages.3.norm."):
             out["norm." + k[len("stages.3.norm."):]] = v
         else:
             stage, part, rest = re.fullmatch(r"stages\.(\d)\.(downsample|global_block|blocks)\.(.+)", k).groups()
             stage = int(stage)
             if part == "downsample":  # officially the end of the previous level
-                rest = mb(rest[len("conv_block."):]) if rest.startswith("conv_block.") else rest
-                out[f"levels.{stage - 1}.downsample.{rest}"] = v
+                out[f"levels.{stage - 1}.downsample.{mb(rest)}"] = v
             elif part == "global_block":
                 conv, sub = re.fullmatch(r"blocks\.conv(\d)\.(.+)", rest).groups()
                 out[f"levels.{stage}.{qgen}.{int(conv) - 1}.{mb(sub)}"] = v
@@ -381,8 +405,8 @@ OFFICIAL_CASES = {
 @pytest.mark.parametrize("case", list(OFFICIAL_CASES))
 def test_official_checkpoint_converts_key_by_key_and_loads(case, tmp_path):
     arch, overrides, to_official, filename, nesting = OFFICIAL_CASES[case]
-    source = _model(arch, **overrides)
-    native = {k: v.clone() for k, v in source.state_dict().items()}
+    source = _model(arch, fresh=False, **overrides)  # read only
+    native = source.state_dict()
     ours_only = tuple(getattr(source, "new_parameter_prefixes", ()))
     official = to_official({k: v for k, v in native.items() if not k.startswith(ours_only)})
     path = str(tmp_path / filename)
@@ -420,7 +444,7 @@ def test_official_dropped_keys_are_exactly_the_classifier_and_index_buffers(tmp_
     assert all(k.startswith(("head.", "head_dist.")) or k.endswith("attention_bias_idxs")
                for k in converted.dropped)
     assert sum(k.endswith("attention_bias_idxs") for k in converted.dropped) == 9 + 2  # 9 blocks, 2 shrinks
-    pvt = _model("pvt_tiny")
+    pvt = _model("pvt_tiny", fresh=False)
     official = {**pvt_to_official(pvt.state_dict()),
                 **_classifier_extras(512, "norm.weight", "norm.bias", "cls_token", "head.weight", "head.bias")}
     converted = convert_state_dict(official)
@@ -465,7 +489,7 @@ def test_every_registered_variant_is_identified_from_its_shapes():
     for arch in list_architectures():
         model = _meta_backbone(arch)
         if model is None and arch in ("pvt_tiny", "pvt_v2_b0", "pvt_v2_b1"):
-            model = create_backbone(arch)
+            model = _model(arch, fresh=False)
         if model is None and get_arch(arch).family == "levit":  # tiny, builds in milliseconds
             model = create_backbone(arch)
         if model is None:
@@ -484,7 +508,7 @@ def test_wrong_family_is_refused_naming_both(tmp_path):
     state, _ = _timm_source("levit_128s")
     path = str(tmp_path / "levit.pth")
     torch.save(state, path)
-    model = _model("pvt_v2_b0")
+    model = _model("pvt_v2_b0", fresh=False)  # refusals leave it untouched (checked)
     with pytest.raises(CheckpointError) as e:
         load_pretrained_backbone(model, path)
     msg = str(e.value)
@@ -497,8 +521,8 @@ def test_wrong_family_is_refused_naming_both(tmp_path):
 def test_wrong_variant_is_refused_naming_both(tmp_path):
     torch.manual_seed(0)
     path = str(tmp_path / "b1.pth")
-    torch.save(create_backbone("pvt_v2_b1").state_dict(), path)
-    model = _model("pvt_v2_b0")
+    torch.save(_model("pvt_v2_b1", fresh=False).state_dict(), path)
+    model = _model("pvt_v2_b0", fresh=False)  # refusals leave it untouched (checked)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as e:
         load_pretrained_backbone(model, path)
@@ -515,13 +539,14 @@ def test_wrong_variant_is_refused_naming_both(tmp_path):
 
 
 def test_partial_or_mismatched_load_is_refused_with_a_table(tmp_path):
-    model = _model("pvt_v2_b0")
+    model = _model("pvt_v2_b0", fresh=False)  # refusals leave it untouched (checked)
     good = {k: v.clone() for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cases = {
         "missing": ({k: v for k, v in good.items() if k != "stages.2.blocks.1.attn.kv.weight"},
-                    "MISSING", "stages.2.*"),
-        "unexpected": ({**good, "stages.0.blocks.0.attn.extra": torch.zeros(3)}, "UNEXPECTED", "stages.0.*"),
+                    "MISSING", "missing from the checkpoint (1):\n  stages.2.blocks.1.attn.kv.weight"),
+        "unexpected": ({**good, "stages.0.blocks.0.attn.extra": torch.zeros(3)}, "UNEXPECTED",
+                       "unexpected in the checkpoint (1):\n  stages.0.blocks.0.attn.extra"),
         "shape": ({**good, "stages.1.blocks.0.attn.q.weight": torch.zeros(64, 65)}, "SHAPE MISMATCH",
                   "stages.1.blocks.0.attn.q.weight: checkpoint (64, 65) vs model (64, 64)"),
     }
@@ -585,7 +610,7 @@ def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
     raw5 = tmp_path / "evil_p5.pkl"
     with open(raw5, "wb") as f:
         pickle.dump({"state_dict": _Exploit(marker)}, f, protocol=5)
-    model = _model("pvt_v2_b0")
+    model = _model("pvt_v2_b0", fresh=False)  # refusals leave it untouched (checked)
     runs_code = f"would import or run Python code ({os.system.__module__}.system)"
     expected = {zip_file: runs_code, legacy: runs_code, raw2: runs_code,
                 raw5: "content the safe loader does not rebuild"}
@@ -606,7 +631,8 @@ def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
 # ---------------------------------------------------------------------------
 def _cfg(*opts):
     cfg = load_config(os.path.join(REPO, "configs", "mask_rcnn_pvt_v2_b0.yaml"),
-                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", *opts])
+                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", *opts])
     return cfg
 
 

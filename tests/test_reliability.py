@@ -8,7 +8,8 @@ Images (``pvt_d2/data/mapper.py``, used by the trainer's data loaders)
   2. image file corrupt (not an image): skipped, warning names the file
   3. image file truncated: skipped, warning names the file
   4. image size differs from the json's width/height: skipped, warning names file and sizes
-  5. every image unreadable: BadImageError after 10 failed reads in a row, naming the files (no endless retry)
+  5. every image unreadable: BadImageError after 10 failed reads in a row, naming the files (no endless
+     retry), also when raised in a data-loader worker process
   6. unreadable image in evaluation: BadImageError naming the file (skipping would change the metrics)
   7. grayscale (L) image: converted to 3 channels
   8. RGBA / LA / palette / CMYK image: converted, alpha dropped
@@ -288,10 +289,16 @@ def test_all_images_bad_stops_with_clear_error(register):
     from pvt_d2.data.mapper import MAX_CONSECUTIVE_FAILURES
 
     name = register(bad_images()[:3] * 4)
+    pattern = (f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read.*(missing|corrupt|truncated)\\.png"
+               ".*dataset looks broken")
     dataset = MapDataset(DatasetCatalog.get(name), RobustDatasetMapper(mapper_cfg(), is_train=True))
-    with pytest.raises(BadImageError, match=f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read.*"
-                                            r"(missing|corrupt|truncated)\.png.*dataset looks broken"):
+    with pytest.raises(BadImageError, match=pattern):
         dataset[0]
+    # the same from a data-loader worker process: re-raised in the main process with its type and message
+    dataset = MapDataset(DatasetCatalog.get(name), RobustDatasetMapper(mapper_cfg(), is_train=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=list)
+    with pytest.raises(BadImageError, match=pattern):
+        next(iter(loader))
 
 
 def test_bad_image_in_evaluation_is_an_error_naming_it(register):

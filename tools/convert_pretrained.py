@@ -53,8 +53,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         converted = convert_checkpoint(args.input, arch=args.arch, layout=args.layout, key=args.key)
         if converted.arch is None:
-            raise CheckpointError(f"{args.input}: {converted.label} is not a registered architecture; nothing to "
-                                  f"check it against (registered: {', '.join(list_architectures(converted.family))})")
+            raise CheckpointError(
+                f"{args.input}: after renaming from the {converted.layout} layout, its shapes match no registered "
+                f"{converted.family} variant ({', '.join(list_architectures(converted.family))}); wrong --layout? "
+                f"Pass --arch to see how it differs from one")
         report = load_converted(create_backbone(converted.arch), converted)
     except CheckpointError as e:
         log.error(f"error: {e}")

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     out = args.output
     single_image_file = _has_ext(out, IMAGE_EXTENSIONS) and len(paths) == 1 and len(images) == 1
     single_video_file = _has_ext(out, VIDEO_EXTENSIONS) and len(paths) == 1 and len(videos) == 1
-    if (_has_ext(out, IMAGE_EXTENSIONS) or _has_ext(out, VIDEO_EXTENSIONS)) and not (single_image_file or single_video_file):
+    names_a_file = _has_ext(out, IMAGE_EXTENSIONS) or _has_ext(out, VIDEO_EXTENSIONS)
+    if names_a_file and not (single_image_file or single_video_file):
         print(f"ERROR: --output {out} names a file, which needs exactly one input of that kind; "
               f"give a folder for {len(paths)} inputs", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ Detector parameters come from :func:`pvt_d2.utils.analysis.detector_parameter_co
 import argparse
 import datetime
 import glob
+import json
 import os
 import platform
 import re
@@ -161,12 +162,15 @@ def _backbone_key(cfg) -> str:
 
 
 def measure(entries: List[Dict], flops: bool = True, latency: bool = True, latency_iters: int = 2,
-            size=FLOP_SIZE, log=print) -> Dict:
+            latency_budget_s: float = 20.0, size=FLOP_SIZE, log=print) -> Dict:
     """Measure the table's numbers.
 
+    Latency: ``latency_iters`` timed passes, fewer (at least one) once they
+    took ``latency_budget_s`` seconds in all.
+
     Returns:
-        ``{"archs": {arch: {"params", "gflops", "latency_ms"}}, "configs": {name: {"backbone_params",
-        "detector_params"}}}``; ``gflops`` / ``latency_ms`` are None when not measured.
+        ``{"archs": {arch: {"params", "gflops", "latency_ms", "latency_passes"}}, "configs": {name:
+        {"backbone_params", "detector_params"}}}``; FLOPs / latency entries are None when not measured.
     """
     archs, configs = OrderedDict(), OrderedDict()
     by_arch = OrderedDict()
@@ -184,17 +188,19 @@ def measure(entries: List[Dict], flops: bool = True, latency: bool = True, laten
                 f"{k}_params": v for k, v in detector_parameter_counts(cfg, backbones[key]).items()}
         # FLOPs / latency on the backbone returning the most levels (they all compute the same stages)
         backbone = max(backbones.values(), key=lambda b: len(b.output_shape()))
-        stats = {"params": count_parameters(backbone), "gflops": None, "latency_ms": None}
+        stats = {"params": count_parameters(backbone), "gflops": None, "latency_ms": None,
+                 "latency_passes": None}
         image = random_images(1, *size)
         if flops:
             stats["gflops"] = flop_analysis(backbone, (image,)).total() / 1e9
         if latency:
             # the FLOP count's traced forward pass doubles as the warm-up
             result = run_benchmark(lambda: backbone(image), name=arch, device="cpu", iters=latency_iters,
-                                   warmup=0 if flops else 1, size=size)
+                                   warmup=0 if flops else 1, size=size, max_seconds=latency_budget_s)
             stats["latency_ms"] = result.mean_ms
+            stats["latency_passes"] = len(result.times_s)
         archs[arch] = stats
-        del backbones, backbone
+        backbone = backbones = None  # free this architecture before building the next
         log(f"[{i + 1}/{len(by_arch)}] {arch}: {stats['params'] / 1e6:.2f} M params"
             + (f", {stats['gflops']:.1f} GFLOPs" if stats["gflops"] is not None else "")
             + (f", {stats['latency_ms']:.0f} ms" if stats["latency_ms"] is not None else "")
@@ -244,9 +250,11 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
         "(one multiply-add = one FLOP, as in the papers; attention products included, element-wise ops not). "
         "Whole-detector FLOPs: `tools/analyze_model.py`.",
         f"- **CPU ms**: backbone forward pass, batch 1, {w}x{h}, fp32, mean of {run_info['latency_iters']} passes "
-        "after a warm-up. The machine was shared with other jobs running tests at the same time, so these "
-        "latencies are noisy: read them as rough relative costs on a small CPU, not as benchmarks. "
-        "Measure your own hardware with `tools/benchmark.py` (GPU, AMP, batch sizes).",
+        f"after a warm-up (fewer, at least one, once they took {run_info['latency_budget_s']:.0f} s in all). "
+        + ("The machine was shared with other jobs running at the same time (see the load average above), so "
+           "these latencies are noisy: read them as rough relative costs on a small CPU, not as benchmarks. "
+           if run_info.get("busy", True) else "Single measurements on a small CPU: rough relative costs. ")
+        + "Measure your own hardware with `tools/benchmark.py` (GPU, AMP, batch sizes).",
         "- **Published AP**: COCO val2017 box AP, or box / mask AP, as **published by the papers, trained with "
         "mmdetection** (ImageNet-1k pretraining; 1x = 12 epochs single-scale, 3x = 36 epochs multi-scale). "
         "**Not reproduced here**; \"-\": no published number for that backbone and detector.",
@@ -256,7 +264,8 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
         f"| Backbone (`MODEL.PVT_D2.ARCH`) | Family | Params (M) | GFLOPs @{w}x{h} | CPU ms @{w}x{h} |",
         "|---|---|---:|---:|---:|",
     ]
-    for arch, s in data["archs"].items():
+    for arch in OrderedDict.fromkeys(e["arch"] for e in entries):
+        s = data["archs"][arch]
         family = FAMILIES.get(get_arch(arch).family, get_arch(arch).family)
         lines.append(f"| `{arch}` | {family} | {_millions(s['params'])} | {_opt(s['gflops'], '.1f')} | "
                      f"{_opt(s['latency_ms'], '.0f')} |")
@@ -278,7 +287,7 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
                 f"{PUBLISHED_AP.get((e['arch'], e['detector']), '-')} |")
         lines.append("")
     extra = [f"`{arch}` {EXTRA_DETECTORS[det]}: {ap}" for (arch, det), ap in PUBLISHED_AP.items()
-             if det in EXTRA_DETECTORS and arch in data["archs"]]
+             if det in EXTRA_DETECTORS and any(e["arch"] == arch for e in entries)]
     lines += [
         "## Notes on the published numbers",
         "",
@@ -335,6 +344,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency")
     parser.add_argument("--iters", type=int, default=2, help="timed passes per backbone (default 2)")
+    parser.add_argument("--latency-budget", type=float, default=20.0,
+                        help="stop timing a backbone once its passes took this many seconds (default 20)")
+    parser.add_argument("--save-json", metavar="PATH", help="also save the measurements to this JSON file")
+    parser.add_argument("--from-json", metavar="PATH", help="render from measurements saved by --save-json "
+                                                            "instead of measuring")
     args = parser.parse_args(argv)
     if args.only:
         unknown = []
@@ -357,23 +371,38 @@ def main(argv=None) -> int:
             print(p)
         print(f"{args.output}: {len(entries)} configs checked, {len(problems)} problem(s)")
         return 1 if problems else 0
-    start, load_start = time.time(), os.getloadavg()
-    data = measure(entries, flops=not args.no_flops, latency=not args.no_latency, latency_iters=args.iters,
-                   log=lambda msg: print(msg, flush=True))
-    run_info = {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": machine_description(),
-        "load_start": " / ".join(f"{x:.1f}" for x in load_start),
-        "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "minutes": (time.time() - start) / 60,
-        "size": FLOP_SIZE,
-        "latency_iters": args.iters,
-    }
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        data, run_info = saved["data"], saved["run_info"]
+        missing = [e["name"] for e in entries if e["name"] not in data["configs"]]
+        if missing:
+            print(f"ERROR: {args.from_json} has no measurements for {', '.join(missing)}", file=sys.stderr)
+            return 2
+    else:
+        start, load_start = time.time(), os.getloadavg()
+        data = measure(entries, flops=not args.no_flops, latency=not args.no_latency, latency_iters=args.iters,
+                       latency_budget_s=args.latency_budget, log=lambda msg: print(msg, flush=True))
+        run_info = {
+            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": machine_description(),
+            "load_start": " / ".join(f"{x:.1f}" for x in load_start),
+            "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "minutes": (time.time() - start) / 60,
+            # more runnable processes than cores besides this one: other jobs competed for the CPU
+            "busy": max(load_start[0], os.getloadavg()[0]) > (os.cpu_count() or 1) + 1,
+            "size": list(FLOP_SIZE),
+            "latency_iters": args.iters,
+            "latency_budget_s": args.latency_budget,
+        }
+        if args.save_json:
+            with open(args.save_json, "w") as f:
+                json.dump({"data": data, "run_info": run_info}, f, indent=1)
     text = render(entries, data, run_info)
     with open(args.output, "w") as f:
         f.write(text)
     print(f"wrote {args.output} ({len(entries)} configs, {len(data['archs'])} backbones, "
-          f"{run_info['minutes']:.1f} min)")
+          f"measured in {run_info['minutes']:.1f} min)")
     return 0
 
 

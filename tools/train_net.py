@@ -31,7 +31,8 @@ from torch.multiprocessing import ProcessExitedException  # noqa: E402
 
 import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, check_num_classes, prepare_datasets  # noqa: E402,E501
+from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,  # noqa: E402
+                         prepare_datasets)
 from pvt_d2.engine import AtomicCheckpointer, Trainer, use_cpu_if_no_cuda  # noqa: E402
 from pvt_d2.engine.checkpoint import CheckpointError  # noqa: E402
 from pvt_d2.engine.trainer import NonFiniteLossError  # noqa: E402
@@ -103,7 +104,7 @@ def check_args(args) -> None:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a multiple of the number of "
                           f"processes ({world_size} = --num-gpus x --num-machines) so that each gets the same "
                           f"number of images.")
-    prepare_datasets(list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    prepare_datasets(([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST))
 
 
 def cli(argv=None) -> int:

@@ -113,10 +113,22 @@ class LoadReport:
             ("dropped from the checkpoint", len(self.dropped), _summarize(self.dropped)),
             ("MISSING", len(self.missing), _summarize(self.missing, limit=20)),
             ("UNEXPECTED", len(self.unexpected), _summarize(self.unexpected, limit=20)),
-            ("SHAPE MISMATCH", len(self.mismatched),
-             "\n".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:20])),
+            ("SHAPE MISMATCH", len(self.mismatched), _summarize([k for k, _, _ in self.mismatched], limit=20)),
         ]
         return tabulate(rows, headers=["keys", "count", "which"], tablefmt="pipe")
+
+    def problems(self, limit: int = 40) -> str:
+        """Every missing, unexpected and mismatched key, one per line (at most ``limit`` of each)."""
+        lines = []
+        for title, items in (("missing from the checkpoint", self.missing),
+                             ("unexpected in the checkpoint", self.unexpected),
+                             ("shape mismatch", [f"{k}: checkpoint {a} vs model {b}" for k, a, b in self.mismatched])):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines += [f"  {item}" for item in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+        return "\n".join(lines)
 
 
 def _summarize(keys: Sequence[str], limit: int = 8) -> str:
@@ -206,14 +218,44 @@ def _unknown_source_message(state_dict: StateDict, source: str) -> str:
             f"Pass family/arch and layout explicitly if it is one.")
 
 
+def _resolve_source(state_dict: StateDict, family: Optional[str], layout: Optional[str], source: str,
+                    model_label: Optional[str]) -> Tuple[FamilyMapping, str]:
+    """The mapping and layout to convert with: the given ones, else those detected from the keys."""
+    detected = detect_source(state_dict)
+    if family is None:
+        families = sorted({fam for fam, _ in detected})
+        if not families:
+            raise CheckpointError(_unknown_source_message(state_dict, source))
+        if len(families) > 1:
+            raise CheckpointError(f"{source} matches several families ({', '.join(families)}); pass the arch")
+        family = families[0]
+    mapping = get_mapping(family)
+    if layout is None:
+        layouts = [lay for fam, lay in detected if fam == family]
+        if not layouts and detected:  # a checkpoint of another family: name both
+            other = convert_state_dict(state_dict, source=source)
+            target = model_label or f"a {mapping.display} model"
+            raise CheckpointError(
+                f"{source}: checkpoint is {other.label} ({get_mapping(other.family).display}, {other.layout} "
+                f"layout) but the model is {target} ({mapping.display}); use a {mapping.display} checkpoint, or a "
+                f"model of the checkpoint's architecture")
+        if not layouts:
+            raise CheckpointError(_unknown_source_message(state_dict, source))
+        layout = layouts[0]
+    if layout not in mapping.layouts:
+        raise CheckpointError(f"{source}: {mapping.display} has no '{layout}' layout; "
+                              f"supported: {', '.join(mapping.layouts)}")
+    return mapping, layout
+
+
 def convert_state_dict(state_dict: StateDict, family: Optional[str] = None, layout: Optional[str] = None,
                        source: str = "<state dict>", model_label: Optional[str] = None) -> ConvertedCheckpoint:
     """Convert a raw checkpoint state dict to pvt_d2 keys.
 
     Args:
         state_dict: the checkpoint's tensors, as stored.
-        family: the family it must be (e.g. the model's). A checkpoint of
-            another family is refused, naming both.
+        family: the family it must be (e.g. the model's); detected if None.
+            A checkpoint of another family is refused, naming both.
         layout: ``"official"``, ``"timm"`` or ``"pvt_d2"``; detected if None.
         source: the file name, for messages.
         model_label: the model's name, for the refusal message.
@@ -221,41 +263,13 @@ def convert_state_dict(state_dict: StateDict, family: Optional[str] = None, layo
     Raises:
         CheckpointError: unrecognised checkpoint, or of another family.
     """
-    detected = detect_source(state_dict)
-    if family is not None:
-        mapping = get_mapping(family)
-        if layout is None:
-            match = [lay for fam, lay in detected if fam == family]
-            if not match:
-                if detected:
-                    other = convert_state_dict(state_dict, source=source)
-                    target = model_label or f"a {mapping.display} model"
-                    raise CheckpointError(
-                        f"{source}: checkpoint is {other.label} ({get_mapping(other.family).display}, "
-                        f"{other.layout} layout) but the model is {target} ({mapping.display}); "
-                        f"use a {mapping.display} checkpoint or set MODEL.PVT_D2.ARCH to match it")
-                raise CheckpointError(_unknown_source_message(state_dict, source))
-            layout = match[0]
-    else:
-        if layout is None and len(detected) != 1:
-            if not detected:
-                raise CheckpointError(_unknown_source_message(state_dict, source))
-            raise CheckpointError(f"{source} matches several families ({detected}); pass the arch explicitly")
-        if layout is None:
-            family, layout = detected[0]
-        elif len(detected) == 1:
-            family = detected[0][0]
-        else:
-            raise CheckpointError(f"{source}: cannot tell the family of the checkpoint; pass the arch explicitly")
-        mapping = get_mapping(family)
-    if layout not in mapping.layouts:
-        raise CheckpointError(f"{source}: {mapping.display} has no '{layout}' layout; "
-                              f"supported: {', '.join(mapping.layouts)}")
+    mapping, layout = _resolve_source(state_dict, family, layout, source, model_label)
     try:
         converted, dropped = mapping.convert(state_dict, layout)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
     hparams = mapping.hparams(converted)
+    family = mapping.family
     return ConvertedCheckpoint(converted, family, layout, match_arch(family, hparams), hparams, dropped, source)
 
 
@@ -352,7 +366,8 @@ def load_converted(backbone: PyramidBackbone, converted: ConvertedCheckpoint,
         unexpected=[k for k in weights if k not in model_state], mismatched=mismatched)
     if not report.ok:
         raise CheckpointError(
-            f"{converted.source}: refusing a partial load into {label} ({converted.layout} layout):\n{report.table()}")
+            f"{converted.source}: refusing a partial load into {label} ({converted.layout} layout):\n"
+            f"{report.table()}\n{report.problems()}")
     incompatible = backbone.load_state_dict(weights, strict=False)
     assert not incompatible.unexpected_keys and set(incompatible.missing_keys) == set(report.new), incompatible
     logger.info(f"Loaded ImageNet weights for {label} from {converted.source} ({converted.layout} layout):\n"

@@ -112,11 +112,11 @@ def _apply(state_dict: StateDict, key_fn: KeyFn) -> Converted:
     return out, dropped
 
 
-def _dropping(*prefixes: str, exact: Tuple[str, ...] = ()) -> Callable[[StateDict], Converted]:
-    """A converter that keeps every key except those starting with ``prefixes`` or equal to ``exact``."""
+def _dropping(*prefixes: str) -> Callable[[StateDict], Converted]:
+    """A converter that keeps every key unchanged except those starting with ``prefixes``."""
 
     def convert(state_dict: StateDict) -> Converted:
-        return _apply(state_dict, lambda k, v: None if k.startswith(prefixes) or k in exact else (k, v))
+        return _apply(state_dict, lambda k, v: None if k.startswith(prefixes) else (k, v))
 
     return convert
 

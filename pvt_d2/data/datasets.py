@@ -45,8 +45,9 @@ def prepare_datasets(names: Iterable[str]) -> None:
     register_all()
     for name in names:
         if name not in DatasetCatalog.list():
+            known = sorted(n for n in DatasetCatalog.list() if "coco_2017" in n or "synthetic" in n)
             raise UnknownDatasetError(f"Dataset '{name}' is not registered. Registered datasets include: "
-                           f"{', '.join(sorted(n for n in DatasetCatalog.list() if 'coco_2017' in n or 'synthetic' in n))}")
+                                      f"{', '.join(known)}")
         meta = MetadataCatalog.get(name)
         if meta.get("synthetic", False):
             ensure_synthetic_dataset()

@@ -337,7 +337,8 @@ class BenchmarkResult:
     def summary(self) -> str:
         return (f"{self.name}: {self.mean_ms:.1f} ms/iter (median {self.median_ms:.1f}, min {self.min_ms:.1f}), "
                 f"{self.throughput:.2f} img/s, peak memory +{self.peak_memory_bytes / 2 ** 20:.0f} MiB "
-                f"[{self.device}, {'AMP' if self.amp else 'fp32'}, batch {self.batch_size}, {self.width}x{self.height}]")
+                f"[{self.device}, {'AMP' if self.amp else 'fp32'}, batch {self.batch_size}, "
+                f"{self.width}x{self.height}]")
 
 
 def _sync(device: torch.device):
@@ -346,12 +347,14 @@ def _sync(device: torch.device):
 
 
 def run_benchmark(fn: Callable[[], object], *, name: str, device="cpu", iters: int = 10, warmup: int = 2,
-                  amp: bool = False, batch_size: int = 1, size: Sequence[int] = (0, 0)) -> BenchmarkResult:
+                  amp: bool = False, batch_size: int = 1, size: Sequence[int] = (0, 0),
+                  max_seconds: Optional[float] = None) -> BenchmarkResult:
     """Time ``fn()`` (one forward pass) ``iters`` times after ``warmup`` untimed calls.
 
     Runs under ``torch.no_grad()`` and :func:`autocast`; the peak memory is
     measured over the timed iterations. ``size`` is ``(height, width)`` and
-    only recorded.
+    only recorded. With ``max_seconds``, timing stops early once the timed
+    iterations took that long in total (at least one iteration is timed).
     """
     if iters < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
@@ -367,6 +370,8 @@ def run_benchmark(fn: Callable[[], object], *, name: str, device="cpu", iters: i
                 fn()
                 _sync(device)
                 result.times_s.append(time.perf_counter() - start)
+                if max_seconds is not None and sum(result.times_s) >= max_seconds:
+                    break
     result.peak_memory_bytes = mem.peak_bytes
     result.baseline_memory_bytes = mem.baseline_bytes
     return result

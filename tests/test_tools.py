@@ -1,0 +1,394 @@
+"""The evaluation, visualization and analysis tools, end to end on the synthetic set and tiny models.
+
+Covers ``tools/demo.py``, ``visualize_json_results.py``, ``visualize_data.py``,
+``plot_metrics.py`` (``pvt_d2.utils.plot``), ``analyze_model.py``,
+``benchmark.py`` and ``model_zoo.py`` (``pvt_d2.utils.analysis``).
+"""
+import json
+import os
+import re
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO
+
+QUICKSTART = os.path.join(CONFIGS, "quickstart_pvt_v2_b0.yaml")
+# Shrinks the quickstart Mask R-CNN so that one image takes a fraction of a second on the CPU.
+TINY_OPTS = [
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "TEST.DETECTIONS_PER_IMAGE", "3",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "MODEL.DEVICE", "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def val_images(dataset_root):
+    """Paths of the first synthetic validation images."""
+    from pvt_d2.data.synthetic import dataset_root as synthetic_root
+
+    folder = os.path.join(synthetic_root(dataset_root), "val")
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))[:3]]
+
+
+def _read(path):
+    img = cv2.imread(path)
+    assert img is not None, f"{path} is not a readable image"
+    return img
+
+
+# --------------------------------------------------------------------------- drawing / demo
+
+
+def test_draw_instances_draws_only_above_threshold():
+    from detectron2.structures import Boxes, Instances
+
+    from pvt_d2.utils.visualize import draw_instances
+
+    img = (np.random.RandomState(0).rand(48, 64, 3) * 255).astype(np.uint8)
+    inst = Instances((48, 64))
+    inst.pred_boxes = Boxes(torch.tensor([[10.0, 12.0, 40.0, 30.0]]))
+    inst.scores = torch.tensor([0.9])
+    inst.pred_classes = torch.tensor([1])
+    mask = torch.zeros(1, 48, 64, dtype=torch.bool)
+    mask[0, 14:28, 12:38] = True
+    inst.pred_masks = mask
+    drawn = draw_instances(img, inst, None, score_threshold=0.5)
+    assert drawn.shape == img.shape and drawn.dtype == np.uint8
+    changed = (drawn != img).any(axis=2)
+    assert changed[14:28, 12:38].mean() > 0.9  # the mask is painted
+    assert not changed[:, :6].any()  # left of the box (and its label) nothing changes
+    assert np.array_equal(draw_instances(img, inst, None, score_threshold=0.95), img)
+
+
+def test_demo_images_video_and_bad_inputs(tmp_path, val_images, capsys):
+    from tools import demo
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"this is not a png")
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (80, 64))
+    for k in range(3):
+        writer.write(cv2.resize(_read(val_images[k]), (80, 64)))
+    writer.release()
+    out = tmp_path / "out"
+    rc = demo.main(["--config-file", QUICKSTART, "--input", *val_images[:2], str(tmp_path / "missing.jpg"),
+                    str(corrupt), str(tmp_path / "none_*.png"), video, "--output", str(out),
+                    "--confidence-threshold", "0.0", "--opts", *TINY_OPTS])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "missing.jpg: file not found" in err
+    assert "none_*.png: pattern matches no files" in err
+    assert f"skipped {corrupt}: cannot be processed" in err
+    for path in val_images[:2]:
+        src, res = _read(path), _read(str(out / os.path.basename(path)))
+        assert res.shape == src.shape
+        assert (res != src).any(), "random-init model at threshold 0 must draw detections"
+    assert not (out / "corrupt.png").exists()
+    capture = cv2.VideoCapture(str(out / "clip.mp4"))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 3 and frames[0].shape == (64, 80, 3)
+
+
+def test_demo_nothing_processed_is_an_error(tmp_path, capsys):
+    from tools import demo
+
+    rc = demo.main(["--config-file", QUICKSTART, "--input", str(tmp_path / "a.png"), "--output",
+                    str(tmp_path / "out"), "--opts", *TINY_OPTS])
+    assert rc == 1
+    assert "a.png: file not found" in capsys.readouterr().err
+
+
+def test_demo_expand_inputs(tmp_path):
+    from tools.demo import expand_inputs
+
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    paths, problems = expand_inputs([str(tmp_path), str(tmp_path / "*.png"), str(tmp_path / "empty")])
+    assert paths == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]  # folder sorted, duplicates dropped
+    assert problems == [(str(tmp_path / "empty"), "folder contains no images")]
+
+
+# --------------------------------------------------------------------------- dataset visualization
+
+
+def _coco_predictions(records, id_map, score):
+    """COCO result entries made from the ground truth of ``records`` (boxes and RLE masks)."""
+    from pycocotools import mask as mask_util
+
+    to_dataset_id = {v: k for k, v in id_map.items()}
+    results = []
+    for r in records:
+        for ann in r["annotations"]:
+            rle = mask_util.merge(mask_util.frPyObjects(ann["segmentation"], r["height"], r["width"]))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": r["image_id"], "category_id": to_dataset_id[ann["category_id"]],
+                            "bbox": list(ann["bbox"]), "score": score, "segmentation": rle})
+    return results
+
+
+def test_visualize_json_results_side_by_side(tmp_path, dataset_root):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from pvt_d2.data import prepare_datasets
+    from tools import visualize_json_results
+
+    prepare_datasets(["synthetic_val"])
+    records = DatasetCatalog.get("synthetic_val")[:3]
+    id_map = MetadataCatalog.get("synthetic_val").thing_dataset_id_to_contiguous_id
+    preds = _coco_predictions(records[:1], id_map, 0.9) + _coco_predictions(records[1:2], id_map, 0.2)
+    folder = tmp_path / "inference" / "synthetic_val"  # the dataset is read from the path
+    folder.mkdir(parents=True)
+    (folder / "coco_instances_results.json").write_text(json.dumps(preds))
+    out = tmp_path / "vis"
+    assert visualize_json_results.main(["--input", str(folder / "coco_instances_results.json"),
+                                        "--output", str(out), "--max-images", "3"]) == 0
+    for k, r in enumerate(records):
+        src = _read(r["file_name"])
+        res = _read(str(out / os.path.basename(r["file_name"])))
+        h, w = src.shape[:2]
+        assert res.shape == (h, 2 * w, 3)
+        pred, gt = res[:, :w], res[:, w:]
+        assert (gt[40:] != src[40:]).any(), "ground truth must be drawn"
+        if k == 0:  # predictions above the threshold are drawn
+            assert (pred[40:] != src[40:]).any()
+        else:  # below the threshold / no predictions: only the corner label differs
+            assert np.array_equal(pred[40:], src[40:])
+
+
+def test_visualize_json_results_unknown_dataset(tmp_path, capsys):
+    from tools import visualize_json_results
+
+    path = tmp_path / "results.json"
+    path.write_text("[]")
+    assert visualize_json_results.main(["--input", str(path), "--output", str(tmp_path / "o")]) == 2
+    assert "pass --dataset" in capsys.readouterr().err
+
+
+def test_visualize_data_annotation_and_dataloader(tmp_path, dataset_root):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    from tools import visualize_data
+
+    opts = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.IMS_PER_BATCH", "2"]
+    ann_out, dl_out = tmp_path / "ann", tmp_path / "dl"
+    assert visualize_data.main(["--config-file", QUICKSTART, "--source", "annotation", "--output", str(ann_out),
+                                "--num-images", "2", "--opts", *opts]) == 0
+    records = {os.path.basename(r["file_name"]): r for r in DatasetCatalog.get("synthetic_train")}
+    written = sorted(os.listdir(ann_out))
+    assert written == sorted(records)[:2]
+    for name in written:
+        src, res = _read(records[name]["file_name"]), _read(str(ann_out / name))
+        assert res.shape == src.shape and (res != src).any()
+
+    assert visualize_data.main(["--config-file", QUICKSTART, "--source", "dataloader", "--output", str(dl_out),
+                                "--num-images", "3", "--opts", *opts]) == 0
+    written = sorted(os.listdir(dl_out))
+    assert len(written) == 3
+    for name in written:
+        original = records[re.sub(r"_\d+(\.png)$", r"\1", name)]  # "_1": the image came again
+        expected = ResizeShortestEdge.get_output_shape(original["height"], original["width"], 64, 96)
+        img = _read(str(dl_out / name))
+        assert img.shape[:2] == tuple(expected), "augmented images are drawn at the size the model sees"
+        assert img.std() > 5
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _write_metrics(path):
+    lines = []
+    for it in (19, 39, 59, 79, 99):
+        lines.append(json.dumps({"iteration": it, "total_loss": 3.0 - it / 50, "loss_cls": 1.0 - it / 200,
+                                 "loss_box_reg": 0.5, "lr": 1e-4 * min(1.0, (it + 1) / 50), "time": 0.5}))
+    lines.append(json.dumps({"iteration": 99, "bbox/AP": 12.5, "bbox/AP50": 30.0, "bbox/AP75": 8.0,
+                             "bbox/AP-circle": 20.0, "segm/AP": 10.0}))
+    lines.append(json.dumps({"iteration": 59, "total_loss": 9.0}))  # a resumed run rewrites iteration 59
+    lines.append('{"iteration": 119, "total_lo')  # cut short by a killed run
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_plot_metrics_writes_pngs(tmp_path):
+    from pvt_d2.utils.plot import load_metrics, metric_series, plot_metrics
+
+    metrics = tmp_path / "metrics.json"
+    _write_metrics(metrics)
+    series = metric_series(load_metrics(str(metrics)))
+    assert series["total_loss"][0] == [19, 39, 59, 79, 99] and series["total_loss"][1][2] == 9.0
+    assert series["bbox/AP"] == ([99], [12.5])
+    paths = plot_metrics(str(metrics), str(tmp_path / "plots"))
+    assert [os.path.basename(p) for p in paths] == ["losses.png", "lr.png", "ap.png"]
+    for p in paths:
+        img = _read(p)
+        assert img.shape == (500, 800, 3) and img.std() > 10
+
+
+def test_plot_metrics_cli(tmp_path, capsys):
+    from tools import plot_metrics as tool
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"iteration": 0, "lr": 0.1}) + "\n")
+    assert tool.main([str(run)]) == 0
+    assert os.path.isfile(run / "plots" / "lr.png") and not os.path.exists(run / "plots" / "ap.png")
+    assert tool.main([str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def test_parse_size():
+    from pvt_d2.utils.analysis import parse_size
+
+    assert parse_size("1333x800") == (800, 1333)
+    assert parse_size("512") == (512, 512)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("big")
+
+
+def test_sdpa_flops_are_counted():
+    from pvt_d2.utils.analysis import flop_analysis
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 5)
+    analysis = flop_analysis(Attn(), (q, k, v))
+    assert analysis.total() == 2 * 3 * 10 * 7 * (8 + 5)
+    assert not analysis.unsupported_ops()
+
+
+def test_peak_memory_cpu_sees_a_large_allocation():
+    from pvt_d2.utils.analysis import PeakMemory
+
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(64 * 2 ** 20 // 4 * 3)  # 192 MiB, touched
+        del x
+    assert mem.peak_bytes > 150 * 2 ** 20
+
+
+def test_analyze_model_numbers_come_from_the_model():
+    from conftest import tiny_train_cfg
+    from pvt_d2.utils.analysis import build_detector, count_parameters
+    from tools.analyze_model import analyze, format_report
+
+    cfg = tiny_train_cfg("mask_rcnn_pvt_v2_b0.yaml", "/tmp/unused", ["MODEL.BACKBONE.FREEZE_AT", "2"])
+    result = analyze(cfg, ["parameter", "flop"], 64, 96)
+    model = build_detector(cfg)
+    p = result["params"]
+    assert p["detector"] == count_parameters(model)
+    assert p["backbone"] == sum(q.numel() for q in model.backbone.bottom_up.parameters())
+    assert p["trainable"] < p["detector"]  # FREEZE_AT 2 freezes the stem and stage 1
+    assert 0 < result["flops"]["backbone"] < result["flops"]["detector"]
+    assert "aten::scaled_dot_product_attention" not in result["unsupported_ops"]["backbone"]
+    assert "backbone" in format_report(result)
+
+
+def test_benchmark_cli(tmp_path):
+    from tools import benchmark
+
+    out = tmp_path / "bench.json"
+    rc = benchmark.main(["--config-file", QUICKSTART, "--device", "cpu", "--size", "96x64", "--iters", "2",
+                         "--warmup", "1", "--batch-size", "2", "--json", str(out), "--opts", *TINY_OPTS])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["results"]] == ["backbone", "detector"]
+    for r in data["results"]:
+        assert len(r["times_s"]) == 2 and r["mean_ms"] > 0 and r["peak_memory_bytes"] >= 0
+        assert (r["height"], r["width"], r["batch_size"], r["amp"]) == (64, 96, 2, False)
+        assert r["images_per_s"] == pytest.approx(2 / (sum(r["times_s"]) / 2))
+    assert benchmark.main(["--config-file", QUICKSTART, "--size", "huge"]) == 2
+
+
+def test_run_benchmark_amp_and_time_budget():
+    from pvt_d2.utils.analysis import run_benchmark
+
+    calls = []
+
+    def forward():
+        calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return torch.zeros(1)
+
+    result = run_benchmark(forward, name="x", iters=5, warmup=1, amp=True, max_seconds=0.0)
+    assert len(result.times_s) == 1 and len(calls) == 2  # warm-up + one timed pass, then the budget stops it
+    assert calls[-1] == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- model zoo
+
+
+def test_model_zoo_numbers_come_from_the_code(tmp_path):
+    from pvt_d2.config import load_config
+    from pvt_d2.modeling import create_backbone
+    from pvt_d2.utils.analysis import build_detector, count_parameters, flop_analysis, random_images
+    from tools import model_zoo
+
+    entries = model_zoo.list_configs(only=["pvt_v2_b0"])
+    assert [e["detector"] for e in entries] == list(model_zoo.DETECTORS)
+    data = model_zoo.measure(entries, latency_iters=1, size=(64, 96), log=lambda *_: None)
+    stats = data["archs"]["pvt_v2_b0"]
+    backbone = create_backbone("pvt_v2_b0").eval()
+    assert stats["params"] == sum(p.numel() for p in backbone.parameters())
+    assert stats["gflops"] == pytest.approx(flop_analysis(backbone, (random_images(1, 64, 96),)).total() / 1e9)
+    assert stats["latency_ms"] > 0 and stats["latency_passes"] == 1
+    for name in ("retinanet_pvt_v2_b0", "mask_rcnn_pvt_v2_b0"):
+        cfg = load_config(os.path.join(CONFIGS, f"{name}.yaml"), ["MODEL.DEVICE", "cpu"])
+        assert data["configs"][name]["detector_params"] == count_parameters(build_detector(cfg))
+        assert data["configs"][name]["backbone_params"] == stats["params"]
+
+    run_info = {"date": "today", "machine": "test", "load_start": "0", "load_end": "0", "minutes": 0.1,
+                "size": [800, 1333], "latency_iters": 1, "latency_budget_s": 20}
+    path = tmp_path / "zoo.md"
+    path.write_text(model_zoo.render(entries, data, run_info))
+    text = path.read_text()
+    assert "| [mask_rcnn_pvt_v2_b0](configs/mask_rcnn_pvt_v2_b0.yaml) | Mask R-CNN 1x | `pvt_v2_b0` |" in text
+    assert "38.2 / 36.2 |" in text and "not reproduced" in text
+    assert model_zoo.check(str(path), entries, ["pvt_v2_b0"]) == []
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("| [retinanet_pvt_v2_b0]"))
+    lines[row] = lines[row].replace(f"| {stats['params'] / 1e6:.2f} |", "| 9.99 |", 1)
+    path.write_text("\n".join(lines))
+    assert any("params 9.99" in p for p in model_zoo.check(str(path), entries, ["pvt_v2_b0"]))
+
+
+def test_model_zoo_published_ap_refers_to_real_configs():
+    from pvt_d2.modeling import get_arch
+    from tools import model_zoo
+
+    entries = model_zoo.list_configs()
+    assert len(entries) == 4 * len({e["arch"] for e in entries}) and len(entries) >= 4 * 31
+    assert not any(e["name"].startswith("quickstart") for e in entries)
+    have = {(e["arch"], e["detector"]) for e in entries}
+    for (arch, detector), ap in model_zoo.PUBLISHED_AP.items():
+        get_arch(arch)
+        assert detector in model_zoo.DETECTORS or detector in model_zoo.EXTRA_DETECTORS
+        if detector in model_zoo.DETECTORS:
+            assert (arch, detector) in have
+        assert all(0 < float(x) < 100 for x in ap.split(" / "))
+
+
+def test_model_zoo_md_lists_every_config():
+    from tools import model_zoo
+
+    path = os.path.join(REPO, "MODEL_ZOO.md")
+    if not os.path.isfile(path):
+        pytest.skip("MODEL_ZOO.md not generated yet")
+    listed = set()
+    with open(path) as f:
+        for line in f:
+            m = model_zoo._ROW.match(line)
+            if m:
+                listed.add(m.group("name"))
+    assert listed == {e["name"] for e in model_zoo.list_configs()}
