@@ -25,10 +25,9 @@ everything else and changes only how an image is read:
 """
 import copy
 import logging
+import math
 from collections import deque
 from typing import Optional
-
-import math
 
 import numpy as np
 import torch
@@ -59,14 +58,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """Map a high-bit-depth single-channel image to an 8-bit grayscale one."""
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8))  # mode "L"
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         finite = values[np.isfinite(values)]
         if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
             values = values * 255.0
         values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
-        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
     return image
 
 
