@@ -199,6 +199,7 @@ def measure(entries: List[Dict], flops: bool = True, latency: bool = True, laten
                                    warmup=0 if flops else 1, size=size, max_seconds=latency_budget_s)
             stats["latency_ms"] = result.mean_ms
             stats["latency_passes"] = len(result.times_s)
+        stats["load_1min"] = os.getloadavg()[0]  # how busy the machine was (other jobs make latency noisy)
         archs[arch] = stats
         backbone = backbones = None  # free this architecture before building the next
         log(f"[{i + 1}/{len(by_arch)}] {arch}: {stats['params'] / 1e6:.2f} M params"
@@ -229,6 +230,11 @@ def machine_description() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}")
 
 
+def _was_busy(run_info: Dict) -> bool:
+    """More runnable processes than cores besides this script: other jobs competed for the CPU."""
+    return run_info.get("load_max", float("inf")) > (os.cpu_count() or 1) + 1
+
+
 def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
     """The Markdown text of ``MODEL_ZOO.md``."""
     h, w = run_info["size"]
@@ -239,10 +245,12 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
         "",
         f"Measured on {run_info['date']} on {run_info['machine']}. "
         f"Load average (1 / 5 / 15 min) {run_info['load_start']} at the start and {run_info['load_end']} at the end "
-        f"({run_info['minutes']:.0f} min in all).",
+        f"({run_info['minutes']:.0f} min in all)"
+        + (f"; the highest 1-min load average seen during the run was {run_info['load_max']:.1f}."
+           if "load_max" in run_info else "."),
         "",
-        "**No COCO-trained pvt_d2 weights are published yet.** The AP column quotes the papers (see below); "
-        "everything else is measured by `tools/model_zoo.py` from the code in this repository:",
+        "**The AP column is not measured by pvt_d2**: it quotes the papers (see below). Everything else is "
+        "measured by `tools/model_zoo.py` from the code in this repository:",
         "",
         "- **Params**: `sum(p.numel())` of the built backbone and of the whole detector "
         "(`detectron2.modeling.build_model`), in millions.",
@@ -253,7 +261,7 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
         f"after a warm-up (fewer, at least one, once they took {run_info['latency_budget_s']:.0f} s in all). "
         + ("The machine was shared with other jobs running at the same time (see the load average above), so "
            "these latencies are noisy: read them as rough relative costs on a small CPU, not as benchmarks. "
-           if run_info.get("busy", True) else "Single measurements on a small CPU: rough relative costs. ")
+           if _was_busy(run_info) else "Single measurements on a small CPU: rough relative costs. ")
         + "Measure your own hardware with `tools/benchmark.py` (GPU, AMP, batch sizes).",
         "- **Published AP**: COCO val2017 box AP, or box / mask AP, as **published by the papers, trained with "
         "mmdetection** (ImageNet-1k pretraining; 1x = 12 epochs single-scale, 3x = 36 epochs multi-scale). "
@@ -389,8 +397,7 @@ def main(argv=None) -> int:
             "load_start": " / ".join(f"{x:.1f}" for x in load_start),
             "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "minutes": (time.time() - start) / 60,
-            # more runnable processes than cores besides this one: other jobs competed for the CPU
-            "busy": max(load_start[0], os.getloadavg()[0]) > (os.cpu_count() or 1) + 1,
+            "load_max": max([load_start[0], os.getloadavg()[0]] + [a["load_1min"] for a in data["archs"].values()]),
             "size": list(FLOP_SIZE),
             "latency_iters": args.iters,
             "latency_budget_s": args.latency_budget,
