@@ -50,7 +50,6 @@ def draw_validation_images(cfg, out_dir: str) -> list:
 
 def main(argv) -> int:
     start = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = load_config(CONFIG, argv)
     use_cpu_if_no_cuda(cfg)
     cfg.freeze()

@@ -1,7 +1,7 @@
 """A small, deterministic COCO-format instance-segmentation set for quick runs.
 
-Images show a few shapes (circle, square, triangle, star) of random colour,
-size and rotation on textured backgrounds (gradients, stripes and noise).
+Images show a few shapes (circle, square, triangle, star), each class with a
+typical colour jittered per instance, of random size and rotation on textured backgrounds (gradients, stripes and noise).
 Instances never overlap, so each polygon is exactly the visible mask. The
 set is written on first use under ``<root>/pvt_d2_synthetic/`` with detectron2's
 usual layout (``train/``, ``val/`` and ``annotations/instances_{split}.json``)
@@ -22,10 +22,13 @@ __all__ = ["CLASSES", "SPLITS", "dataset_root", "ensure_synthetic_dataset", "reg
            "generate_split"]
 
 CLASSES = ("circle", "square", "triangle", "star")
+# Each class has a typical colour (jittered per instance), as many real object
+# classes do; shape and colour together make the set learnable in minutes.
+CLASS_COLORS = ((220, 60, 60), (60, 200, 60), (60, 90, 230), (230, 210, 50))
 # split name -> (number of images, random seed)
 SPLITS = {"train": (240, 0), "val": (40, 1)}
 FOLDER = "pvt_d2_synthetic"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def dataset_root(root: Optional[str] = None) -> str:
@@ -83,7 +86,7 @@ def _draw_image(rng: np.random.Generator, image_id: int, file_name: str) -> (np.
         poly = _shape_polygon(rng, CLASSES[cls], cx, cy, r)
         poly[:, 0] = poly[:, 0].clip(0, w - 1)
         poly[:, 1] = poly[:, 1].clip(0, h - 1)
-        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        color = tuple(int(c) for c in np.clip(np.array(CLASS_COLORS[cls]) + rng.integers(-40, 41, size=3), 0, 255))
         cv2.fillPoly(img, [np.round(poly).astype(np.int32)], color)
         x0, y0 = poly.min(0)
         x1, y1 = poly.max(0)
