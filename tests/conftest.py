@@ -56,3 +56,10 @@ def tiny_train_cfg(config_name: str, output_dir: str, extra=None):
     cfg = load_config(os.path.join(CONFIGS, config_name), opts + list(extra or []))
     use_cpu_if_no_cuda(cfg)
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """Fail the test that leaves autograd globally disabled (it would break every later test)."""
+    yield
+    assert torch.is_grad_enabled(), "this test left torch.set_grad_enabled(False) behind"

@@ -98,6 +98,7 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -116,7 +117,6 @@ def main(argv=None) -> int:
         return 2
     use_cpu_if_no_cuda(cfg)
     cfg.freeze()
-    torch.set_grad_enabled(False)
     result = analyze(cfg, args.tasks, height, width, args.backbone_only, args.depth)
     result["config_file"] = args.config_file
     print(format_report(result))

@@ -189,6 +189,7 @@ def get_parser():
     return parser
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -215,7 +216,6 @@ def main(argv=None) -> int:
               f"give a folder for {len(paths)} inputs", file=sys.stderr)
         return 2
 
-    torch.set_grad_enabled(False)
     demo = Demo(cfg, args.confidence_threshold)
     done, failed, used = [], [], set()
     for path in tqdm(images, desc="images", unit="img", disable=len(images) < 2):

@@ -343,6 +343,7 @@ def check(path: str, entries: List[Dict], only: Optional[List[str]]) -> List[str
     return problems
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="Markdown file to write (default MODEL_ZOO.md)")
@@ -372,7 +373,6 @@ def main(argv=None) -> int:
     if not entries:
         print("ERROR: no detector configs found", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False)
     if args.check:
         problems = check(args.output, entries, args.only)
         for p in problems:
