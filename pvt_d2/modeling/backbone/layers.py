@@ -5,7 +5,7 @@ a multiple, window partition and its inverse, resizing of learned position
 embeddings, channels-first LayerNorm, and the spatial-reduction attention of
 PVT (also used by PVT v2 and Twins).
 """
-from typing import Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ __all__ = [
     "tokens_to_map",
     "map_to_tokens",
     "init_weights",
+    "CLASSIFIER_KEY_PREFIXES",
+    "drop_classifier_keys",
 ]
 
 
@@ -248,3 +250,16 @@ def init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+#: Top-level key prefixes of an ImageNet classifier (final LayerNorm and head)
+#: that a backbone does not have, for the families whose keys otherwise match.
+CLASSIFIER_KEY_PREFIXES = ("norm.", "head.")
+
+
+def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove the top-level ``norm.*`` and ``head.*`` entries of a classifier state dict.
+
+    Nested norms such as ``patch_embeds.0.norm.weight`` are kept.
+    """
+    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}

@@ -38,7 +38,7 @@ Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
 (``norm.*`` and ``head.*``, see :func:`drop_classifier_keys`) are removed.
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,8 @@ from torch import nn
 
 from .base import PyramidBackbone
 from .layers import (
+    CLASSIFIER_KEY_PREFIXES,
+    drop_classifier_keys,
     PatchEmbed,
     SpatialReductionAttention,
     init_weights,
@@ -66,19 +68,6 @@ __all__ = [
     "drop_classifier_keys",
     "CLASSIFIER_KEY_PREFIXES",
 ]
-
-#: Top-level key prefixes of a timm / official Twins classifier that the
-#: backbone does not have: the final LayerNorm and the classification head.
-CLASSIFIER_KEY_PREFIXES = ("norm.", "head.")
-
-
-def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove the classifier-only entries from a timm / official Twins state dict.
-
-    Only the top-level ``norm.*`` and ``head.*`` entries are removed; nested
-    norms such as ``patch_embeds.0.norm.weight`` are kept.
-    """
-    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}
 
 
 class LocallyGroupedAttention(nn.Module):

@@ -61,7 +61,7 @@ downsampling), so an official checkpoint loads after dropping the classifier
 entries ``norm.*`` and ``head.*`` (:func:`drop_classifier_keys`).
 """
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .base import PyramidBackbone
-from .layers import LayerNorm2d, init_weights, pad_to_multiple
+from .layers import CLASSIFIER_KEY_PREFIXES, LayerNorm2d, drop_classifier_keys, init_weights, pad_to_multiple
 from .registry import register_architectures
 
 __all__ = [
@@ -85,17 +85,6 @@ __all__ = [
     "CLASSIFIER_KEY_PREFIXES",
 ]
 
-#: Top-level key prefixes of an official ViP classifier checkpoint that the
-#: backbone does not have: the final LayerNorm and the classification head.
-CLASSIFIER_KEY_PREFIXES = ("norm.", "head.")
-
-
-def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove the classifier-only entries (``norm.*``, ``head.*``) from an official ViP state dict.
-
-    Nested norms such as ``network.0.0.norm1.weight`` are kept.
-    """
-    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}
 
 
 def _mix_windows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
