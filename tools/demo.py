@@ -10,7 +10,8 @@
 ``--input`` takes image files, glob patterns, folders (their images) and
 video files. Boxes, masks, class names and scores above
 ``--confidence-threshold`` are drawn; class names come from the metadata of
-the config's first test dataset. Images go to the ``--output`` folder under
+the config's first test dataset, or of ``--dataset NAME=SPEC`` (your own COCO
+json or VOC folder, see ``pvt_d2/data/custom.py``). Images go to the ``--output`` folder under
 their own names (or to ``--output`` itself if it names one image file and
 there is one input); a video goes to ``--output`` if it names a video file,
 else to ``<output>/<name>.mp4``. Inputs that are missing or cannot be read
@@ -33,6 +34,8 @@ from tqdm import tqdm  # noqa: E402
 
 import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
+from pvt_d2.data import DatasetError  # noqa: E402
+from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
 from pvt_d2.engine import use_cpu_if_no_cuda  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -78,6 +81,9 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
 
 def setup_cfg(args):
     cfg = load_config(args.config_file, args.opts)
+    declared = setup_custom_datasets(cfg, args.dataset, args.opts)
+    if declared and not set(declared) & set(cfg.DATASETS.TEST):
+        cfg.DATASETS.TEST = (declared[0],)  # its class names are drawn
     if use_cpu_if_no_cuda(cfg):
         logger.info("CUDA is not available: running on the CPU.")
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
@@ -184,6 +190,9 @@ def get_parser():
                              "(default: output/demo)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the detections drawn (default 0.5)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                        help="your own dataset (NAME=annotations.json:images or NAME=VOCfolder[:SPLIT]) whose "
+                             "class names are drawn and whose class count sizes the model")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = setup_cfg(args)
-    except ConfigError as e:
+    except (ConfigError, DatasetError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     paths, problems = expand_inputs(args.input)

@@ -33,8 +33,10 @@ import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
 from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,  # noqa: E402
                          prepare_datasets)
+from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
 from pvt_d2.engine import AtomicCheckpointer, Trainer, use_cpu_if_no_cuda  # noqa: E402
-from pvt_d2.engine.checkpoint import CheckpointError  # noqa: E402
+from pvt_d2.checkpoint import CheckpointError  # noqa: E402
+from pvt_d2.checkpoint.download import prefetch_pretrained  # noqa: E402
 from pvt_d2.engine.trainer import NonFiniteLossError  # noqa: E402
 
 # Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
@@ -48,7 +50,10 @@ QUIET_EXIT_DELAY_S = 5
 def setup(args):
     """Config from file and overrides, CPU fallback, logging and the dataset check."""
     cfg = load_config(args.config_file, args.opts)
+    setup_custom_datasets(cfg, args.dataset, args.opts, require_used=True)
     on_cpu = use_cpu_if_no_cuda(cfg)
+    if args.eval_only and cfg.MODEL.WEIGHTS:
+        cfg.MODEL.PVT_D2.PRETRAINED = ""  # MODEL.WEIGHTS replaces the ImageNet weights: do not fetch them
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pvt_d2")
@@ -56,6 +61,7 @@ def setup(args):
         logging.getLogger("pvt_d2").info("CUDA is not available: running on the CPU (MODEL.DEVICE=cpu) with AMP off.")
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
+    prefetch_pretrained(cfg)  # a URL: downloaded once, or one ERROR before any model is built
     return cfg
 
 
@@ -99,6 +105,7 @@ def worker(args):
 def check_args(args) -> None:
     """Check the config, the process layout and the datasets once, before any worker process is started."""
     cfg = load_config(args.config_file, args.opts)
+    setup_custom_datasets(cfg, args.dataset, args.opts, require_used=True)
     world_size = args.num_gpus * args.num_machines
     if not args.eval_only and cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a multiple of the number of "
@@ -107,8 +114,18 @@ def check_args(args) -> None:
     prepare_datasets(([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST))
 
 
+def get_parser():
+    """detectron2's training arguments plus ``--dataset NAME=SPEC`` (your own COCO json or VOC folder)."""
+    parser = default_argument_parser()
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                        help="declare a dataset (repeatable): NAME=annotations.json:images (COCO json) or "
+                             "NAME=VOCfolder[:SPLIT] (Pascal VOC); name it in DATASETS.TRAIN / DATASETS.TEST. "
+                             "The number of classes is taken from the training set.")
+    return parser
+
+
 def cli(argv=None) -> int:
-    args = default_argument_parser().parse_args(argv)
+    args = get_parser().parse_args(argv)
     try:
         check_args(args)
         if args.num_gpus * args.num_machines > 1:

@@ -11,7 +11,11 @@ datasets on the original images. ``--source dataloader`` draws the batches of
 detectron2's training data loader, after resizing, flipping and any other
 augmentation of the config (``INPUT.*``), at the size the model sees them.
 Images are written under their own file names (a suffix is added when an
-image appears again).
+image appears again). ``--dataset NAME=SPEC`` (repeatable) draws your own COCO
+json or Pascal VOC folder (see ``pvt_d2/data/custom.py``)::
+
+    python tools/visualize_data.py --config-file configs/faster_rcnn_pvt_v2_b0.yaml --source annotation \
+        --dataset trees=data/trees/train.json:data/trees/images --output output/vis_trees
 """
 import argparse
 import os
@@ -24,7 +28,8 @@ from tqdm import tqdm  # noqa: E402
 
 import pvt_d2.modeling  # noqa: E402,F401
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
 
 
 def _unique_path(out_dir: str, file_name: str, used: set) -> str:
@@ -97,15 +102,21 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder for the drawn images")
     parser.add_argument("--num-images", type=int, default=20,
                         help="how many images to draw (default 20; 0 = all, only for --source annotation)")
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                        help="your own dataset, NAME=annotations.json:images (COCO json) or NAME=VOCfolder[:SPLIT] "
+                             "(Pascal VOC); drawn instead of DATASETS.TRAIN unless that names it (repeatable)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.source == "dataloader" and args.num_images <= 0:
         parser.error("--source dataloader needs --num-images > 0 (the training loader never ends)")
     try:
         cfg = load_config(args.config_file, args.opts)
+        declared = setup_custom_datasets(cfg, args.dataset, args.opts)
+        if declared and not set(declared) & set(cfg.DATASETS.TRAIN):
+            cfg.DATASETS.TRAIN = tuple(declared)  # draw the declared datasets
         cfg.freeze()
         prepare_datasets(cfg.DATASETS.TRAIN)
-    except (ConfigError, DatasetNotFoundError, KeyError) as e:
+    except (ConfigError, DatasetNotFoundError, DatasetError, KeyError) as e:
         print(f"ERROR: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     os.makedirs(args.output, exist_ok=True)

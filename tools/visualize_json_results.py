@@ -10,7 +10,9 @@ writes ``<OUTPUT_DIR>/inference/<dataset>/coco_instances_results.json``. For
 every image of the dataset this tool writes one image, the predictions
 above ``--conf-threshold`` on the left and the ground truth on the right,
 under the image's own file name. The dataset is taken from the path
-(``inference/<dataset>/``) unless ``--dataset`` names it.
+(``inference/<dataset>/``) unless ``--dataset`` names it; ``--dataset
+NAME=SPEC`` declares your own COCO json or VOC folder as the training tools do
+(see ``pvt_d2/data/custom.py``).
 """
 import argparse
 import json
@@ -26,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pvt_d2.data import DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.data.custom import register_dataset_spec  # noqa: E402
 
 
 def predictions_to_instances(predictions: List[Dict], image_size, dataset_id_to_contiguous: Dict[int, int],
@@ -83,8 +86,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="coco_instances_results.json of an evaluation")
     parser.add_argument("--output", required=True, help="folder for the drawn images")
-    parser.add_argument("--dataset", help="registered dataset the predictions are for "
-                                          "(default: the folder name, inference/<dataset>/)")
+    parser.add_argument("--dataset", help="registered dataset the predictions are for (default: the folder "
+                                          "name, inference/<dataset>/), or your own as NAME=annotations.json:images "
+                                          "(COCO json) or NAME=VOCfolder[:SPLIT] (Pascal VOC)")
     parser.add_argument("--conf-threshold", type=float, default=0.5, help="minimum score drawn (default 0.5)")
     parser.add_argument("--max-images", type=int, default=0, help="draw only the first N images (0 = all)")
     args = parser.parse_args(argv)
@@ -93,12 +97,14 @@ def main(argv=None) -> int:
 
     dataset = args.dataset or guess_dataset(args.input)
     try:
+        if "=" in dataset:
+            dataset = register_dataset_spec(dataset).name
         prepare_datasets([dataset])
     except KeyError as e:
         hint = "" if args.dataset else " (guessed from the path; pass --dataset)"
         print(f"ERROR: {e.args[0]}{hint}", file=sys.stderr)
         return 2
-    except DatasetNotFoundError as e:
+    except (DatasetNotFoundError, DatasetError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     try:
