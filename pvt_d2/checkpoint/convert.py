@@ -33,7 +33,7 @@ from torch import nn
 
 from ..modeling.backbone.base import PyramidBackbone
 from ..modeling.backbone.registry import ArchSpec, get_arch, list_architectures
-from .io import CheckpointError, read_state_dict
+from .io import CheckpointError, atomic_torch_save, read_state_dict
 from .mappings import MAPPINGS, FamilyMapping, get_mapping, resolved_kwargs
 
 __all__ = [
@@ -416,8 +416,6 @@ def save_for_detectron2(converted: ConvertedCheckpoint, path: str) -> Dict[str, 
     Returns:
         The saved object.
     """
-    from ..engine.checkpoint import atomic_torch_save
-
     data = {
         "model": {k: v.contiguous() for k, v in converted.state_dict.items()},
         "__author__": "pvt_d2",
