@@ -38,7 +38,7 @@ Config (``pvt_d2/config.py``: ``load_config`` -> ``validate_config``; train_net 
      class counts, ...): ConfigError naming key and value
  27. YAML with Python object tags: refused, never executed (load_config and the train_net CLI)
  28. batch size not divisible by the number of processes: ConfigError before any worker starts
-Checkpoints (``pvt_d2/engine/checkpoint.py``)
+Checkpoints (``pvt_d2/checkpoint/checkpointer.py``)
  29. MODEL.WEIGHTS that does not exist: CheckpointError naming the path (CLI: exit 2, no traceback)
  30. truncated / corrupt checkpoint: CheckpointError naming the file
  31. checkpoint of another model sharing no tensor: CheckpointError
@@ -495,7 +495,7 @@ def _tiny_retinanet(tmp_path, num_classes=4):
 
 def test_checkpoint_load_errors(tmp_path):
     from pvt_d2.engine import AtomicCheckpointer
-    from pvt_d2.engine.checkpoint import CheckpointError
+    from pvt_d2.checkpoint import CheckpointError
 
     model = _tiny_retinanet(tmp_path)
     ckpt = AtomicCheckpointer(model, save_dir=str(tmp_path))
@@ -533,13 +533,13 @@ def test_checkpoint_load_errors(tmp_path):
 
 def test_checkpoint_of_another_model_warns_or_fails(tmp_path):
     from pvt_d2.engine import AtomicCheckpointer
-    from pvt_d2.engine.checkpoint import CheckpointError
+    from pvt_d2.checkpoint import CheckpointError
 
     four = _tiny_retinanet(tmp_path, 4)
     AtomicCheckpointer(four, save_dir=str(tmp_path)).save("four_classes")
     weights = str(tmp_path / "four_classes.pth")
     two = _tiny_retinanet(tmp_path, 2)
-    with captured_log("pvt_d2.engine.checkpoint") as records:
+    with captured_log("pvt_d2.checkpoint.checkpointer") as records:
         AtomicCheckpointer(two).resume_or_load(weights, resume=False)  # fine-tuning: loud warning, loads the rest
     log = _messages(records)
     assert "matches this model only partly" in log and "2 skipped for a shape mismatch" in log

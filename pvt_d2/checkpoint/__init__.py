@@ -3,6 +3,7 @@
 - :mod:`.io`        safe reading of ``.pth`` / ``.pth.tar`` / ``.bin`` / ``.safetensors``
 - :mod:`.mappings`  one key mapping per family and source layout, variant identification
 - :mod:`.convert`   detection, conversion, checked loading with a report, detectron2 export
+- :mod:`.checkpointer` the detectron2 checkpointer used for training (safe reading, atomic saving)
 
 ``load_pretrained_backbone(model, path)`` is what ``MODEL.PVT_D2.PRETRAINED``
 runs; ``tools/convert_pretrained.py`` writes files for ``MODEL.WEIGHTS``.
@@ -18,14 +19,17 @@ from .convert import (
     load_pretrained_backbone,
     save_for_detectron2,
 )
-from .io import CheckpointError, read_state_dict
+from .checkpointer import AtomicCheckpointer
+from .io import CheckpointError, atomic_torch_save, read_state_dict
 from .mappings import MAPPINGS, get_mapping
 
 __all__ = [
+    "AtomicCheckpointer",
     "CheckpointError",
     "ConvertedCheckpoint",
     "LoadReport",
     "MAPPINGS",
+    "atomic_torch_save",
     "convert_checkpoint",
     "convert_state_dict",
     "detect_source",

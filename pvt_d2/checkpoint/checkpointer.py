@@ -12,28 +12,15 @@ from urllib.parse import urlparse
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint.io import CheckpointError, load_checkpoint_file
+from .finetune import reinitialise_class_heads
+from .io import CheckpointError, atomic_torch_save, load_checkpoint_file
 
-__all__ = ["AtomicCheckpointer", "atomic_torch_save", "CheckpointError"]
+__all__ = ["AtomicCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
 # Rows of the mismatch table written when a checkpoint loads only partly.
 _TABLE_ROWS = 20
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -102,7 +89,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise CheckpointError(
                 f"Checkpoint {self._loading or '(file)'} has NaN or infinite values in {len(bad)} tensors "
                 f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): it was saved from a diverged run.")
+        # fine-tuning into other classes: class-dependent head layers start afresh (finetune.py)
+        reinit = reinitialise_class_heads(self.model, weights) if not self._strict_now else None
         incompatible = super()._load_model(checkpoint)
+        if reinit and reinit.rows:
+            logger.warning(reinit.table(self._loading or "the checkpoint"))
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in reinit.keys]
         self._check_match(incompatible)
         return incompatible
 

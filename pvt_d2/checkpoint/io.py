@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 __all__ = ["CheckpointError", "NESTED_KEYS", "sniff_format", "load_checkpoint_file", "extract_state_dict",
-           "read_state_dict"]
+           "read_state_dict", "atomic_torch_save"]
 
 #: Where training scripts put the weights, in order of preference.
 NESTED_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module", "ema")
@@ -200,3 +200,21 @@ def read_state_dict(path: str, key: Optional[str] = None) -> Tuple[Dict[str, tor
     state_dict, used = extract_state_dict(obj, key, source=path)
     author = obj.get("__author__") if isinstance(obj, Mapping) else None
     return state_dict, {"format": sniff_format(path), "key": used, "author": author}
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same folder and a rename.
+
+    A reader never sees a half-written file: until the rename ``path`` keeps
+    its previous content (or does not exist).
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,4 +1,8 @@
-"""Training: the trainer, optimizer recipe and atomic checkpoints."""
-from .checkpoint import AtomicCheckpointer, atomic_torch_save
+"""Training: the trainer and the optimizer recipe.
+
+Checkpointing lives one layer below, in :mod:`pvt_d2.checkpoint`;
+``AtomicCheckpointer`` is re-exported here for the training scripts.
+"""
+from ..checkpoint import AtomicCheckpointer
 from .optim import build_optimizer, param_groups
 from .trainer import Trainer, create_ddp_model, use_cpu_if_no_cuda

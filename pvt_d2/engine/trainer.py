@@ -12,25 +12,24 @@ empty, malformed or have more classes than the model raise
 NaN/Inf stops the run with :class:`NonFiniteLossError`, a one-paragraph message
 naming the iteration and the loss terms.
 """
-import contextlib
 import logging
 import math
 import os
 import re
-from unittest import mock
+import weakref
 
 import numpy as np
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import AtomicCheckpointer
 from ..data import DatasetError, check_num_classes, load_dataset_dicts, prepare_datasets
 from ..data.mapper import RobustDatasetMapper
-from .checkpoint import AtomicCheckpointer
 from .optim import build_optimizer
 
 __all__ = ["Trainer", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
@@ -77,27 +76,35 @@ class _LossNotFiniteOnSomeProcess(FloatingPointError):
     """Raised by every process at once when any process has a non-finite loss."""
 
 
-def _check_losses_on_all_processes(trainer):
-    """Wrap ``trainer._write_metrics`` so that a NaN/Inf loss on any process stops all of them together.
+class _LossCheckOnAllProcesses:
+    """Step-trainer mixin: a NaN/Inf loss on any process stops all processes at the same iteration.
 
-    detectron2 checks the loss on the first process only; the others would go
-    on to the next iteration and wait in a collective for a process that has
-    stopped. Here every process compares all processes' losses each iteration
-    and raises at the same point, so a multi-process run ends cleanly.
+    detectron2 checks the loss on the first process only (in
+    ``_write_metrics``); the others would go on to the next iteration and wait
+    in a collective for a process that has stopped. With several processes,
+    every process here compares all processes' losses each iteration before
+    detectron2 writes the metrics, and raises at the same point, so a
+    multi-process run ends cleanly.
     """
-    write_metrics = trainer._write_metrics
 
-    def checked(loss_dict, data_time, prefix="", iter=None):
-        local = {k: float(v.detach().float().cpu().item()) for k, v in loss_dict.items()}
-        everyone = comm.all_gather(local)
-        if not all(math.isfinite(v) for losses in everyone for v in losses.values()):
-            mean = {k: float(np.mean([losses[k] for losses in everyone])) for k in local}
-            raise _LossNotFiniteOnSomeProcess(
-                f"Loss became infinite or NaN at iteration={trainer.iter if iter is None else iter}!\n"
-                f"loss_dict = {mean}")
-        return write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        if comm.get_world_size() > 1:
+            local = {k: float(v.detach().float().cpu().item()) for k, v in loss_dict.items()}
+            everyone = comm.all_gather(local)
+            if not all(math.isfinite(v) for losses in everyone for v in losses.values()):
+                mean = {k: float(np.mean([losses[k] for losses in everyone])) for k in local}
+                raise _LossNotFiniteOnSomeProcess(
+                    f"Loss became infinite or NaN at iteration={self.iter if iter is None else iter}!\n"
+                    f"loss_dict = {mean}")
+        return super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
 
-    trainer._write_metrics = checked
+
+class CheckedSimpleTrainer(_LossCheckOnAllProcesses, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` with the loss checked on all processes."""
+
+
+class CheckedAMPTrainer(_LossCheckOnAllProcesses, AMPTrainer):
+    """detectron2's ``AMPTrainer`` with the loss checked on all processes."""
 
 
 class _HideDivergenceTraceback(logging.Filter):
@@ -117,7 +124,17 @@ def _loss_terms(message: str) -> str:
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with pvt_d2's optimizer, evaluators, checkpointer, robust data and CPU support."""
+    """``DefaultTrainer`` with pvt_d2's optimizer, evaluators, checkpointer, robust data and CPU support.
+
+    The parts are assembled explicitly, in detectron2's order (model,
+    optimizer, data loader, DDP wrapper, step trainer, scheduler,
+    checkpointer, hooks), as detectron2's ``tools/lazyconfig_train_net.py``
+    does; the pieces that differ from ``DefaultTrainer`` are
+    :func:`create_ddp_model` (CPU processes), :class:`CheckedSimpleTrainer` /
+    :class:`CheckedAMPTrainer` (loss checked on every process) and
+    :class:`~pvt_d2.checkpoint.AtomicCheckpointer`. Every other method
+    (``build_hooks``, ``test``, ``resume_or_load``, ...) is detectron2's.
+    """
 
     def __init__(self, cfg):
         prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
@@ -128,12 +145,27 @@ class Trainer(DefaultTrainer):
         check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
         check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
         self._step_failed = False
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model))
-            stack.enter_context(mock.patch.object(d2_defaults, "DetectionCheckpointer", AtomicCheckpointer))
-            super().__init__(cfg)
-        if comm.get_world_size() > 1:
-            _check_losses_on_all_processes(self._trainer)
+        TrainerBase.__init__(self)  # DefaultTrainer.__init__'s work is done below, with pvt_d2's parts
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        step_cls = CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
+        self._trainer = step_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables) -> AtomicCheckpointer:
+        """The checkpointer of a run: :class:`~pvt_d2.checkpoint.AtomicCheckpointer` in ``OUTPUT_DIR``."""
+        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
     def train(self):
         """Train, and return the last evaluation results (``{dataset: {task: metrics}}``) or None.

@@ -26,7 +26,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
-from unittest import mock
 
 import torch
 from torch import nn
@@ -121,48 +120,39 @@ def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
     return build_model(cfg).eval()
 
 
-def _shape_only_backbone(shapes) -> nn.Module:
-    """A detectron2 ``Backbone`` with the given ``output_shape()`` and no parameters (never run)."""
-    from detectron2.modeling import Backbone
+def _build_uninitialised(cfg) -> nn.Module:
+    """The detector of ``cfg`` for counting only: built on the ``meta`` device (no memory, no weight init).
 
-    class ShapeOnlyBackbone(Backbone):
-        def output_shape(self):
-            return dict(shapes)
+    A model whose constructor needs real tensor values (``.tolist()`` of a
+    schedule computed with tensors) cannot be built there and is built
+    normally on the CPU instead; the counts are the same either way.
+    """
+    from detectron2.modeling import META_ARCH_REGISTRY
 
-        def forward(self, x):  # pragma: no cover - only built to count parameters
-            raise RuntimeError("shape-only backbone is not runnable")
-
-    return ShapeOnlyBackbone()
+    meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    try:
+        with torch.device("meta"):
+            return meta_arch(cfg)
+    except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" and the like
+        return meta_arch(cfg)
 
 
 def detector_parameter_counts(cfg, backbone: Optional[nn.Module] = None) -> Dict[str, int]:
     """Parameters of a config's detector: ``{"backbone": n, "detector": n_total}``.
 
-    When ``backbone`` is given (built from ``cfg``, e.g. by :func:`build_backbone`,
-    or shared by configs with the same ``MODEL.PVT_D2`` settings), the rest of
-    the detector (FPN and heads) is built around a parameter-free stand-in
-    with the same output shapes and the two counts are added: this avoids
-    re-building a large backbone for every detector. The sum equals the
-    parameter count of ``build_model(cfg)`` (tested). Configs that do not use
-    a pvt_d2 backbone builder are simply built whole.
+    The detector is built on the ``meta`` device, which allocates and
+    initialises nothing, so counting even a large detector takes a fraction
+    of a second. When ``backbone`` is given (built from ``cfg``, e.g. by
+    :func:`build_backbone`, or shared by configs with the same
+    ``MODEL.PVT_D2`` settings) its count is used for the backbone part. The
+    sum equals the parameter count of ``build_model(cfg)`` (tested).
     """
-    from detectron2.modeling import META_ARCH_REGISTRY
+    import pvt_d2.modeling  # noqa: F401  (registers the builders)
 
-    import pvt_d2.modeling  # noqa: F401
-    from pvt_d2.modeling.backbone import registry
-
-    cfg = _cpu_cfg(cfg)
-    meta_arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    if backbone is None or not cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
-        model = meta_arch(cfg)
-        return {"backbone": count_parameters(find_pyramid_backbone(model)), "detector": count_parameters(model)}
-    stub = _shape_only_backbone(backbone.output_shape())
-    with mock.patch.object(registry, "_backbone_from_cfg", lambda *_args, **_kwargs: stub):
-        rest = meta_arch(cfg)
-    if find_pyramid_backbone(rest) is not stub:  # a builder that did not go through the registry
-        raise RuntimeError(f"Backbone builder {cfg.MODEL.BACKBONE.NAME} did not use the pvt_d2 registry")
-    n_backbone = count_parameters(backbone)
-    return {"backbone": n_backbone, "detector": n_backbone + count_parameters(rest)}
+    model = _build_uninitialised(_cpu_cfg(cfg))
+    n_model, n_bottom_up = count_parameters(model), count_parameters(find_pyramid_backbone(model))
+    n_backbone = n_bottom_up if backbone is None else count_parameters(backbone)
+    return {"backbone": n_backbone, "detector": n_model - n_bottom_up + n_backbone}
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
