@@ -32,10 +32,12 @@ from pvt_d2.checkpoint import (
     convert_state_dict,
     load_pretrained_backbone,
     read_state_dict,
+    save_for_detectron2,
 )
 from pvt_d2.config import load_config
 from pvt_d2.checkpoint.convert import arch_hparams, describe_backbone, match_arch
 from pvt_d2.modeling import create_backbone, get_arch, list_architectures
+from pvt_d2.modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
 from tools.convert_pretrained import main as convert_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,9 +424,12 @@ def test_official_checkpoint_converts_key_by_key_and_loads(case, tmp_path):
     else:
         assert converted.arch is None
     expected = {k: v for k, v in native.items() if not k.startswith(ours_only)}
+    first_generation = case == "gcvit_xxtiny_ls"  # its weights carry the query-layout entry (test_gcvit_first_...)
+    if first_generation:
+        expected[FIRST_GENERATION_QUERIES_KEY] = torch.tensor(1)
     _assert_same_state(converted.state_dict, expected)
     # exactly the classifier entries and index buffers were dropped, nothing else
-    assert len(converted.dropped) == len(official) - len(expected)
+    assert len(converted.dropped) == len(official) - len(expected) + first_generation
     assert all(re.search(DROPPABLE, k) for k in converted.dropped), converted.dropped
 
     target = _scramble_(copy.deepcopy(source))
@@ -433,7 +438,8 @@ def test_official_checkpoint_converts_key_by_key_and_loads(case, tmp_path):
     assert all(k.startswith(ours_only) for k in report.new) and (bool(report.new) == bool(ours_only))
     loaded = target.state_dict()
     for k in expected:
-        assert torch.equal(loaded[k], native[k]), k
+        assert torch.equal(loaded[k], expected[k]), k
+    assert getattr(target, "first_generation_queries", False) == first_generation
 
 
 def test_official_dropped_keys_are_exactly_the_classifier_and_index_buffers(tmp_path):
@@ -671,3 +677,146 @@ def test_detector_config_pretrained_and_converted_weights(tmp_path):
     report = load_pretrained_backbone(plain2, converted)
     assert report.ok and report.dropped == []
     _assert_same_state(plain2.backbone.state_dict(), expected)
+
+
+# ---------------------------------------------------------------------------
+# (5) GC ViT weights of the first official generation (levels.{i}.to_q_global)
+# ---------------------------------------------------------------------------
+def _first_generation_gcvit(sd: dict, x: torch.Tensor, num_heads, windows=(7, 7, 14, 7)) -> dict:
+    """The first released NVlabs/GCVit ``models/gc_vit.py`` (commit a6bac2d), re-stated on its state dict.
+
+    Functional and written from that file's structure, independently of
+    pvt_d2: PatchEmbed (conv, ReduceSize), levels of alternating local /
+    global window attention with a query generator ``to_q_global`` applied to
+    the channels-last map ``.view``-ed as channels-first (quirk a), global
+    queries reshaped into heads from the channels-first map (quirk b), and
+    the ReduceSize downsampler closing each level but the last. Batch size 1
+    (that code's ``repeat`` mixes images at larger batches). Returns the
+    levels' outputs before their downsampler, and the final norm of the last,
+    as ``res2``-``res5``.
+    """
+    import torch.nn.functional as F
+
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    def fused_mbconv(t, name):  # channels-first; Sequential(dw conv, GELU, SE, pw conv) as a residual
+        y = F.gelu(F.conv2d(t, sd[f"{name}.0.weight"], padding=1, groups=t.shape[1]))
+        s = torch.sigmoid(F.gelu(y.mean((2, 3)) @ sd[f"{name}.2.fc.0.weight"].t()) @ sd[f"{name}.2.fc.2.weight"].t())
+        return t + F.conv2d(y * s[:, :, None, None], sd[f"{name}.3.weight"])
+
+    def reduce_size(t, name):  # channels-last in and out
+        t = fused_mbconv(ln(t, f"{name}.norm1").permute(0, 3, 1, 2), f"{name}.conv")
+        return ln(F.conv2d(t, sd[f"{name}.reduction.weight"], stride=2, padding=1).permute(0, 2, 3, 1),
+                  f"{name}.norm2")
+
+    def bias(name, ws):
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        index = rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+        return sd[f"{name}.relative_position_bias_table"][index.view(-1)].view(ws * ws, ws * ws, -1).permute(2, 0, 1)
+
+    def attention(t, name, heads, ws, q_map):  # t: (windows, N, C); q_map: (1, C, ws, ws) or None
+        nwin, n, c = t.shape
+        hd = c // heads
+        proj = t @ sd[f"{name}.qkv.weight"].t() + sd[f"{name}.qkv.bias"]
+        if q_map is None:
+            q, k, v = proj.reshape(nwin, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        else:
+            k, v = proj.reshape(nwin, n, 2, heads, hd).permute(2, 0, 3, 1, 4)
+            q = q_map.repeat(nwin, 1, 1, 1).reshape(nwin, heads, n, hd)  # quirk (b)
+        a = torch.softmax((q * hd ** -0.5) @ k.transpose(-2, -1) + bias(name, ws)[None], dim=-1)
+        return ((a @ v).transpose(1, 2).reshape(nwin, n, c) @ sd[f"{name}.proj.weight"].t()
+                + sd[f"{name}.proj.bias"])
+
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=2, padding=1)
+    x = reduce_size(x.permute(0, 2, 3, 1), "patch_embed.conv_down")
+    out = {}
+    for i, (heads, ws) in enumerate(zip(num_heads, windows)):
+        lv = f"levels.{i}"
+        _, h, w, c = x.shape
+        q = x.reshape(1, c, h, w)  # quirk (a): the channels-last memory read as channels-first
+        j = 0
+        while f"{lv}.to_q_global.{j}.conv.0.weight" in sd:
+            q = fused_mbconv(q, f"{lv}.to_q_global.{j}.conv")
+            if q.shape[-1] != ws:  # FeatExtract(keep_dim=False) pools; the last one of a 14 window keeps
+                q = F.max_pool2d(q, 3, 2, 1)
+            j += 1
+        blocks = sorted({int(k.split(".")[3]) for k in sd if k.startswith(f"{lv}.blocks.")})
+        for b in blocks:
+            name = f"{lv}.blocks.{b}"
+            g1, g2 = sd.get(f"{name}.gamma1", 1.0), sd.get(f"{name}.gamma2", 1.0)
+            t = ln(x, f"{name}.norm1").view(1, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+            t = attention(t.reshape(-1, ws * ws, c), f"{name}.attn", heads, ws, q if b % 2 else None)
+            t = t.view(1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(1, h, w, c)
+            x = x + g1 * t
+            m = F.gelu(ln(x, f"{name}.norm2") @ sd[f"{name}.mlp.fc1.weight"].t() + sd[f"{name}.mlp.fc1.bias"])
+            x = x + g2 * (m @ sd[f"{name}.mlp.fc2.weight"].t() + sd[f"{name}.mlp.fc2.bias"])
+        if f"{lv}.downsample.reduction.weight" in sd:
+            out[f"res{i + 2}"] = x.permute(0, 3, 1, 2)
+            x = reduce_size(x, f"{lv}.downsample")
+        else:
+            out[f"res{i + 2}"] = ln(x, "norm").permute(0, 3, 1, 2)
+    return out
+
+
+@pytest.mark.parametrize("layer_scale", [None, pytest.param(1e-5, marks=pytest.mark.slow)])
+def test_gcvit_first_generation_weights_reproduce_that_code(layer_scale, tmp_path):
+    """The first official layout switches the model to that code's query layout; its features then match it."""
+    source = _model("gcvit_xxtiny", fresh=False, **({"layer_scale": layer_scale} if layer_scale else {}))
+    official = {**gcvit_to_official(source.state_dict(), "to_q_global"),
+                **_classifier_extras(512, "head.weight", "head.bias")}
+    path = str(tmp_path / "gcvit_xxtiny_first_generation.pth.tar")
+    torch.save({"state_dict": official}, path)
+    with torch.no_grad():
+        reference = _first_generation_gcvit(official, X224, num_heads=(2, 4, 8, 16))
+
+    model = _scramble_(copy.deepcopy(source))
+    assert not model.first_generation_queries
+    report = load_pretrained_backbone(model, path)
+    assert report.ok and model.first_generation_queries
+    assert FIRST_GENERATION_QUERIES_KEY in report.loaded
+    with torch.no_grad():
+        out = model(X224)
+        model.first_generation_queries = False  # the same weights read the later way: other features
+        later = model(X224)
+        model.first_generation_queries = True
+    for level, expected in reference.items():
+        err = (out[level] - expected).abs().max().item()
+        assert err < 1e-4 * max(1.0, expected.abs().max().item()), (level, err)
+    # quirk (a) acts from res2 on, so every level differs when the layout is ignored
+    assert all((later[lv] - reference[lv]).abs().max() > 1e-2 for lv in reference)
+
+    # the mode travels with the weights: state dict, detectron2 checkpoint, and back to the later layout
+    state = model.state_dict()
+    assert state[FIRST_GENERATION_QUERIES_KEY].item() == 1
+    fresh = copy.deepcopy(source)
+    assert not fresh.first_generation_queries
+    incompatible = fresh.load_state_dict(state, strict=True)
+    assert fresh.first_generation_queries and not incompatible.missing_keys and not incompatible.unexpected_keys
+    fresh.load_state_dict(source.state_dict())  # weights of the later layout switch it off again
+    assert not fresh.first_generation_queries and FIRST_GENERATION_QUERIES_KEY not in fresh.state_dict()
+    # ... and a timm / later-official file loaded into a first-generation model does as well
+    later_file = str(tmp_path / "later.pth")
+    torch.save(gcvit_to_official(source.state_dict(), "q_global_gen"), later_file)
+    assert load_pretrained_backbone(model, later_file).ok and not model.first_generation_queries
+
+    # MODEL.WEIGHTS files cannot carry the mode: the converter refuses to write one
+    with pytest.raises(CheckpointError, match="first-generation GC ViT weights.*MODEL.PVT_D2.PRETRAINED"):
+        save_for_detectron2(convert_checkpoint(path), str(tmp_path / "out_d2.pth"))
+    assert not os.path.exists(tmp_path / "out_d2.pth")
+
+
+def test_gcvit_first_generation_mode_survives_a_detector_checkpoint(tmp_path):
+    """A detector fine-tuned from first-generation weights is evaluated with that layout after a reload."""
+    from pvt_d2.checkpoint import AtomicCheckpointer
+
+    cfg = load_config(os.path.join(REPO, "configs", "retinanet_gcvit_xxt.yaml"),
+                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "OUTPUT_DIR", str(tmp_path)])
+    trained = build_model(cfg)
+    trained.backbone.bottom_up.first_generation_queries = True
+    AtomicCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
+    evaluated = build_model(cfg)
+    assert not evaluated.backbone.bottom_up.first_generation_queries
+    AtomicCheckpointer(evaluated, save_dir=str(tmp_path), strict=True).load(str(tmp_path / "model_final.pth"))
+    assert evaluated.backbone.bottom_up.first_generation_queries

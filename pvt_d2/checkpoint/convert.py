@@ -32,7 +32,9 @@ from tabulate import tabulate
 from torch import nn
 
 from ..modeling.backbone.base import PyramidBackbone
+from ..modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
 from ..modeling.backbone.registry import ArchSpec, get_arch, list_architectures
+from .download import is_url, resolve_pretrained
 from .io import CheckpointError, atomic_torch_save, read_state_dict
 from .mappings import MAPPINGS, FamilyMapping, get_mapping, resolved_kwargs
 
@@ -56,6 +58,8 @@ logger = logging.getLogger(__name__)
 StateDict = Dict[str, torch.Tensor]
 #: Optional LayerNorms on the outputs (``OUTPUT_NORM``): never part of an ImageNet classifier.
 ALWAYS_NEW_PREFIXES = ("output_norms.",)
+#: State-dict entries that are no weights but a mode the weights need (GC ViT first-generation queries).
+_LAYOUT_FLAGS = (FIRST_GENERATION_QUERIES_KEY,)
 
 
 @dataclass
@@ -352,6 +356,10 @@ def load_converted(backbone: PyramidBackbone, converted: ConvertedCheckpoint,
 
     model_state = backbone.state_dict()
     weights = converted.state_dict
+    for flag in _LAYOUT_FLAGS:  # entries that follow the weights (they set the model's mode when loaded)
+        model_state.pop(flag, None)
+        if flag in weights:
+            model_state[flag] = weights[flag]
     new_prefixes = _expected_new(backbone, mapping)
     absent = [k for k in model_state if k not in weights]
     is_new = [k.startswith(new_prefixes) or k.endswith(".num_batches_tracked") for k in absent]
@@ -381,8 +389,9 @@ def load_pretrained_backbone(model: nn.Module, path: str, layout: Optional[str] 
 
     Args:
         model: a detectron2 model (FPN or plain backbone) or a pvt_d2 backbone.
-        path: checkpoint file in the official, timm or pvt_d2 layout (or a URL
-            detectron2's PathManager can fetch).
+        path: checkpoint file in the official, timm or pvt_d2 layout, or an
+            http(s) URL of one: downloaded once into the cache
+            (:func:`.download.resolve_pretrained`).
         layout: force the source layout instead of detecting it.
         key: nested entry holding the weights.
 
@@ -391,16 +400,16 @@ def load_pretrained_backbone(model: nn.Module, path: str, layout: Optional[str] 
 
     Raises:
         CheckpointError: unreadable or unsafe file, another family or
-            variant, or any key that would not load.
+            variant, or any key that would not load; a URL neither cached nor
+            downloadable (:class:`.download.WeightsDownloadError`).
     """
-    from detectron2.utils.file_io import PathManager
-
     backbone = find_backbone(model)
     family, arch, hparams = describe_backbone(backbone)
     label = arch or f"a {get_mapping(family).display} model ({_format_hparams(hparams)})"
-    local = PathManager.get_local_path(os.path.expanduser(path))
+    local = resolve_pretrained(path)
     state_dict, _ = read_state_dict(local, key)
-    converted = convert_state_dict(state_dict, family, layout, source=path, model_label=label)
+    source = f"{path} (cached as {local})" if is_url(path) else path
+    converted = convert_state_dict(state_dict, family, layout, source=source, model_label=label)
     return load_converted(backbone, converted, label)
 
 
@@ -415,7 +424,18 @@ def save_for_detectron2(converted: ConvertedCheckpoint, path: str) -> Dict[str, 
 
     Returns:
         The saved object.
+
+    Raises:
+        CheckpointError: first-generation GC ViT weights, whose query-layout
+            entry detectron2's checkpointer would drop (use them through
+            ``MODEL.PVT_D2.PRETRAINED``, which keeps it).
     """
+    if any(flag in converted.state_dict for flag in _LAYOUT_FLAGS):
+        raise CheckpointError(
+            f"{converted.source} holds first-generation GC ViT weights (levels.*.to_q_global), which give their "
+            f"features only with that code's global-query layout; detectron2's MODEL.WEIGHTS loader cannot carry "
+            f"that setting, so no MODEL.WEIGHTS file is written. Use MODEL.PVT_D2.PRETRAINED {converted.source} "
+            f"instead: it loads them and switches the backbone to that layout.")
     data = {
         "model": {k: v.contiguous() for k, v in converted.state_dict.items()},
         "__author__": "pvt_d2",

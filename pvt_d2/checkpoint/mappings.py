@@ -38,7 +38,8 @@ levit     ``official`` (facebookresearch/LeViT ``levit.py``: ``patch_embed.{0,2,
 gcvit     ``official`` (NVlabs/GCViT ``models/gc_vit.py``: ``patch_embed.proj`` /
           ``conv_down``, ``levels.{i}`` with the downsampler at the *end* of a
           level, ``[q_global_gen.]to_q_global.{k}``, SE as Linear, ``gamma1/2``,
-          top-level ``norm``); ``timm`` = ours
+          top-level ``norm``; the first generation's ``levels.{i}.to_q_global``
+          adds the ``first_generation_queries`` entry); ``timm`` = ours
 vip       ``official`` (Andrew-Qibin/VisionPermutator ``models/vip.py``:
           ``patch_embed.proj``, ``network.{i}``, ``norm``, ``head``) = ours
 ========  =====================================================================
@@ -53,6 +54,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ..modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
 
 __all__ = ["FamilyMapping", "MAPPINGS", "get_mapping", "resolved_kwargs"]
 
@@ -383,7 +386,11 @@ def gcvit_from_official(state_dict: StateDict) -> Converted:
     """NVlabs/GCViT names to timm's (= ours); drops head and relative_position_index buffers.
 
     Both official generations are read: ``levels.{i}.to_q_global`` and the
-    later ``levels.{i}.q_global_gen.to_q_global``. The official downsampler
+    later ``levels.{i}.q_global_gen.to_q_global``. The first generation's
+    weights only give its features with its query layout (see
+    :mod:`pvt_d2.modeling.backbone.gcvit`), so they get the
+    ``first_generation_queries`` entry, which switches the model to that
+    layout when they are loaded. The official downsampler
     closes level ``i``; ours opens stage ``i + 1``. The SE layers are Linear
     officially and 1x1 convs in timm. The top-level ``norm`` is the last
     stage's norm (it produces ``res5``), so it is kept.
@@ -397,7 +404,10 @@ def gcvit_from_official(state_dict: StateDict) -> Converted:
             v = v[:, :, None, None]
         return k, v
 
-    return _apply(state_dict, key_fn)
+    converted, dropped = _apply(state_dict, key_fn)
+    if any(re.match(r"levels\.\d+\.to_q_global\.", k) for k in state_dict):
+        converted[FIRST_GENERATION_QUERIES_KEY] = torch.tensor(1)
+    return converted, dropped
 
 
 gcvit_from_timm = _dropping("head.")

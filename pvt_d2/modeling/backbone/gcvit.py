@@ -53,6 +53,22 @@ Any input size (the rule)
 
 Module and parameter names mirror timm's ``gcvit_*`` models: a timm state
 dict loads with ``load_state_dict(strict=True)`` after dropping ``head.*``.
+
+First-generation official weights
+    The first released NVlabs/GCVit code (``models/gc_vit.py`` of June 2022,
+    commits 4fc1706 and a6bac2d; keys ``levels.{i}.to_q_global.*``) differs
+    from the later code and timm in two places, and its weights were trained
+    with them: (a) the level's channels-last map is ``.view``-ed, not
+    permuted, as channels-first before the query generator, and (b) the
+    generator's channels-first output is reshaped into heads directly instead
+    of as tokens. :func:`first_generation_global_queries` reproduces both for
+    any input size. :attr:`GCViT.first_generation_queries` switches it on; it
+    travels with the weights as the state-dict entry
+    :data:`FIRST_GENERATION_QUERIES_KEY` (set by the checkpoint converter for
+    that layout, restored by ``load_state_dict``). Not reproduced: at batch
+    size > 1 that code's ``repeat`` gives the windows of one image the queries
+    of other images of the batch; here every image uses its own, i.e. the
+    first-generation model's output at batch size 1.
 """
 import math
 from collections import OrderedDict
@@ -68,10 +84,12 @@ from .layers import LayerNorm2d, pad_to_multiple, window_partition, window_unpar
 from .registry import register_architectures
 
 __all__ = [
+    "FIRST_GENERATION_QUERIES_KEY",
     "GCViT",
     "GlobalContextAttention",
     "GlobalQueryGenerator",
     "RelativePositionBias",
+    "first_generation_global_queries",
     "global_query_pool_steps",
     "IMAGENET_WINDOW_SIZES",
 ]
@@ -80,6 +98,8 @@ STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = (4, 8, 16, 32)
 IMAGENET_WINDOW_SIZES = (7, 7, 14, 7)
 NOMINAL_IMAGE_SIZE = 224
+#: State-dict entry (relative to the backbone) marking weights of the first-generation official code.
+FIRST_GENERATION_QUERIES_KEY = "first_generation_queries"
 
 
 def global_query_pool_steps(window_sizes: Sequence[int], image_size: int = NOMINAL_IMAGE_SIZE) -> Tuple[int, ...]:
@@ -181,6 +201,27 @@ class GlobalQueryGenerator(nn.Module):
         if q.shape[-2:] != (self.window_size, self.window_size):
             q = F.interpolate(q, size=(self.window_size, self.window_size), mode="bicubic", align_corners=False)
         return q.flatten(2).transpose(1, 2)
+
+
+def first_generation_global_queries(generator: GlobalQueryGenerator, x: torch.Tensor,
+                                    num_heads: int) -> torch.Tensor:
+    """Global queries as the first-generation official code computed them (see the module docstring).
+
+    Args:
+        generator: the stage's query generator.
+        x: the stage's map ``(B, C, H, W)``.
+        num_heads: attention heads of the stage.
+
+    Returns:
+        ``(B, N, C)`` tokens that :class:`GlobalContextAttention` splits into
+        the heads that code used.
+    """
+    b, c, h, w = x.shape
+    q = generator(x.permute(0, 2, 3, 1).reshape(b, c, h, w))  # (a) channels-last memory read as channels-first
+    n = q.shape[1]
+    # (b) the (C, N) channels-first memory cut into (heads, N, C / heads), re-expressed as tokens
+    q = q.transpose(1, 2).reshape(b, num_heads, n, c // num_heads)
+    return q.transpose(1, 2).reshape(b, n, c)
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -400,6 +441,8 @@ class GCViTStage(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.mask_padding = mask_padding
+        self.num_heads = num_heads
+        self.first_generation_queries = False  # see GCViT.first_generation_queries
         self.downsample = ReduceSize(in_dim, dim) if downsample else nn.Identity()
         self.global_block = GlobalQueryGenerator(dim, num_query_convs, pool_steps, window_size)
         self.blocks = nn.ModuleList([
@@ -435,7 +478,10 @@ class GCViTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` to ``(B, C, H', W')``."""
         x = self.downsample(x)
-        q_global = self.global_block(x)
+        if self.first_generation_queries:
+            q_global = first_generation_global_queries(self.global_block, x, self.num_heads)
+        else:
+            q_global = self.global_block(x)
         key_padding = self.key_padding_mask((x.shape[-2], x.shape[-1]), x.device)
         x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
@@ -466,6 +512,8 @@ class GCViT(PyramidBackbone):
         output_norm: extra LayerNorm on each returned level.
         freeze_at: see :class:`~.base.PyramidBackbone`.
     """
+
+    no_weight_decay_keywords = ("relative_position_bias_table",)  # relative position bias tables: no weight decay
 
     def __init__(self, embed_dim: int = 64, depths: Sequence[int] = (3, 4, 19, 5),
                  num_heads: Sequence[int] = (2, 4, 8, 16), mlp_ratio: float = 3.0,
@@ -500,6 +548,33 @@ class GCViT(PyramidBackbone):
             channels=dict(zip(STAGE_NAMES, dims)),
             strides=dict(zip(STAGE_NAMES, STAGE_STRIDES)),
             out_features=out_features, output_norm=output_norm, freeze_at=freeze_at, min_input_size=1)
+
+    @property
+    def first_generation_queries(self) -> bool:
+        """Whether the global queries follow the first-generation official code (see the module docstring)."""
+        return self.stages[0].first_generation_queries
+
+    @first_generation_queries.setter
+    def first_generation_queries(self, enabled: bool) -> None:
+        for stage in self.stages:
+            stage.first_generation_queries = bool(enabled)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.first_generation_queries:
+            destination[prefix + FIRST_GENERATION_QUERIES_KEY] = torch.tensor(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + FIRST_GENERATION_QUERIES_KEY
+        if key in state_dict:
+            self.first_generation_queries = bool(state_dict[key])
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+        elif any(k.startswith(prefix + "stages.") for k in state_dict):  # weights without the entry
+            self.first_generation_queries = False
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
