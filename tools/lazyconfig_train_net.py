@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Train or evaluate a pvt_d2 detector from a LazyConfig file (``configs/lazy/*.py``).
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/retinanet_pvt_v2_b0.py
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_pvt_v2_b2.py --num-gpus 8 \\
+        train.max_iter=1000 optimizer.lr=1e-4
+    python tools/lazyconfig_train_net.py --config-file CFG.py --eval-only train.init_checkpoint=model_final.pth
+
+The structure follows detectron2's ``tools/lazyconfig_train_net.py`` (the
+sections ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
+``train``); the reliability of ``tools/train_net.py`` is kept: atomic
+checkpoints, the safe checkpoint reader, robust data loading, CPU fallback, and
+one ``ERROR:`` line with exit status 2 for a problem the user can fix.
+
+A LazyConfig file is Python code and runs when loaded: this script loads only
+the ``--config-file`` you name (your own code, or pvt_d2's ``configs/lazy``);
+YAML files are refused here (use ``tools/train_net.py``, which parses them safely).
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup,  # noqa: E402
+                               default_writers, hooks, launch)
+from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from hydra.errors import OverrideParseException  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+import pvt_d2.modeling  # noqa: E402,F401
+from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError  # noqa: E402
+from pvt_d2.config import ConfigError  # noqa: E402
+from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
+from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model  # noqa: E402
+
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError)
+logger = logging.getLogger("pvt_d2")
+
+
+def load_lazy_config(path: str, overrides):
+    """Load the LazyConfig file ``path`` (Python, run as the user's code) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: a missing file, a file that is not ``.py``, an error while running it, a bad override.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"{path} is not a LazyConfig .py file; YAML configs are trained with tools/train_net.py.")
+    try:
+        cfg = LazyConfig.load(path)
+    except (ConfigError, DatasetError) as e:
+        raise ConfigError(f"LazyConfig {path}: {e}") from None
+    except Exception as e:  # the file is the user's Python code: report what it raised, in one line
+        raise ConfigError(f"LazyConfig {path} failed to load: {type(e).__name__}: {e}") from None
+    missing = [k for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train") if k not in cfg]
+    if missing:
+        raise ConfigError(f"LazyConfig {path} lacks the section(s) {', '.join(missing)}.")
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    except (OmegaConfBaseException, KeyError, ValueError, OverrideParseException) as e:
+        raise ConfigError(f"Bad override in {list(overrides)}: {e}") from None
+    if str(cfg.train.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+        cfg.train.amp.enabled = False
+    return cfg
+
+
+def _dataset_names(cfg, training: bool):
+    names = list(cfg.dataloader.train.dataset.names) if training else []
+    test = cfg.dataloader.test.dataset.names
+    return names + ([test] if isinstance(test, str) and test else list(test or []))
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model).to(cfg.train.device)
+    if cfg.train.get("pretrained"):
+        from pvt_d2.checkpoint import load_pretrained_backbone
+
+        load_pretrained_backbone(model, cfg.train.pretrained)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    last_eval = {}
+
+    def evaluate():
+        last_eval.update(do_test(cfg, model))
+        return last_eval
+
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        hooks.EvalHook(cfg.train.eval_period, evaluate),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        if comm.is_main_process() else None,
+    ])
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as e:
+        raise NonFiniteLossError(f"Training diverged: {str(e).splitlines()[0]}. Lower optimizer.lr or lengthen "
+                                 f"the warmup, then start again (--resume continues from the last checkpoint).") from e
+    return last_eval
+
+
+def main(args):
+    cfg = load_lazy_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    prepare_datasets(_dataset_names(cfg, training=not args.eval_only))
+    if args.eval_only:
+        model = instantiate(cfg.model).to(cfg.train.device)
+        model = create_ddp_model(model)
+        AtomicCheckpointer(model, strict=True).resume_or_load(cfg.train.init_checkpoint, resume=False)
+        return do_test(cfg, model)
+    return do_train(args, cfg)
+
+
+def _worker(args):
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if comm.get_rank() == 0:
+            print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def cli(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    try:
+        load_lazy_config(args.config_file, args.opts)  # check before any process is started
+        if args.num_gpus * args.num_machines > 1:
+            launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
+        else:
+            main(args)
+    except USER_ERRORS as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == 2:
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
