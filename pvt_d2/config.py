@@ -41,6 +41,20 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE = "window"
     cfg.MODEL.PVT_D2.LEVIT.NORM = "FrozenBN"
 
+    # Training augmentation: "default" (detectron2's resize + flip from
+    # INPUT.MIN_SIZE_TRAIN) or "official_3x" (the papers' 3x recipe, see
+    # pvt_d2/data/augmentation.py): with probability 1 - CROP_PROB the default
+    # resize; otherwise resize the short side to one of RESIZE_BEFORE_CROP,
+    # crop a random CROP_SIZE = (min, max) px region, then resize as default.
+    cfg.INPUT.AUGMENTATION = "default"
+    cfg.INPUT.OFFICIAL_3X = CN()
+    cfg.INPUT.OFFICIAL_3X.CROP_PROB = 0.5
+    cfg.INPUT.OFFICIAL_3X.RESIZE_BEFORE_CROP = (400, 500, 600)
+    cfg.INPUT.OFFICIAL_3X.CROP_SIZE = (384, 600)
+
+    # Cascade heads (pvt_d2/modeling/roi_heads.py): loss weight of each stage.
+    cfg.MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
+
     # Optimizer: AdamW ("ADAMW") or detectron2's SGD ("SGD").
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BETAS = (0.9, 0.999)
@@ -159,6 +173,8 @@ def validate_config(cfg: CN) -> CN:
     if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
         bad("INPUT.MIN_SIZE_TRAIN", "with sampling 'range' it must be (low, high) with low <= high")
     positive_int("INPUT.MAX_SIZE_TRAIN")
+    if cfg.INPUT.get("AUGMENTATION", "default") not in ("default", "official_3x"):
+        bad("INPUT.AUGMENTATION", "use 'default' or 'official_3x'")
     positive_int("INPUT.MIN_SIZE_TEST", minimum=0)  # 0 disables resizing at test time
     positive_int("INPUT.MAX_SIZE_TEST")
 

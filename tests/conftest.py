@@ -52,6 +52,7 @@ def tiny_train_cfg(config_name: str, output_dir: str, extra=None):
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATALOADER.NUM_WORKERS", "0",
         "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", output_dir,
+        "MODEL.PVT_D2.PRETRAINED", "",  # offline and from scratch: the configs name ImageNet checkpoints
     ]
     cfg = load_config(os.path.join(CONFIGS, config_name), opts + list(extra or []))
     use_cpu_if_no_cuda(cfg)

@@ -14,7 +14,8 @@ ALL_CONFIGS = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join
 # variants cheap enough to also run a forward pass in every detector type
 SMALL_ARCHS = {"pvt_tiny", "pvt_v2_b0", "levit_128s", "gcvit_xxtiny", "twins_svt_small", "twins_pcpvt_small",
                "vip_s14"}
-DETECTORS = {"retinanet_": "RetinaNet", "mask_rcnn_": "GeneralizedRCNN", "cascade_mask_rcnn_": "GeneralizedRCNN"}
+DETECTORS = {"retinanet_": "RetinaNet", "mask_rcnn_": "GeneralizedRCNN", "cascade_mask_rcnn_": "GeneralizedRCNN",
+             "faster_rcnn_": "GeneralizedRCNN"}
 
 
 def _arch_of(name):
@@ -28,7 +29,9 @@ def test_required_configs_exist():
     from tools.generate_configs import VARIANTS, expected_files
 
     assert set(expected_files()) <= set(ALL_CONFIGS)
-    assert len(VARIANTS) * 4 == len(expected_files())
+    from tools.generate_configs import DETECTORS as GENERATED
+
+    assert len(VARIANTS) * len(GENERATED) == len(expected_files())
 
 
 def test_generated_configs_are_up_to_date():
@@ -65,11 +68,12 @@ def test_config_builds(name):
 
 def test_three_x_configs_use_multiscale_and_papers_recipe():
     cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_s_3x.yaml"))
-    assert cfg.SOLVER.MAX_ITER == 270000 and tuple(cfg.SOLVER.STEPS) == (210000, 250000)
+    # 36 epochs of 7,330 iterations, steps after epochs 27 and 33 (details: tests/test_recipes.py)
+    assert cfg.SOLVER.MAX_ITER == 263880 and tuple(cfg.SOLVER.STEPS) == (197910, 241890)
     assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 480 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
-    assert cfg.SOLVER.WEIGHT_DECAY == 0.05
+    assert cfg.SOLVER.WEIGHT_DECAY == 0.05 and cfg.INPUT.AUGMENTATION == "official_3x"
     one_x = load_config(os.path.join(CONFIGS, "retinanet_pvt_s.yaml"))
-    assert one_x.SOLVER.MAX_ITER == 90000 and tuple(one_x.SOLVER.STEPS) == (60000, 80000)
+    assert one_x.SOLVER.MAX_ITER == 87960 and tuple(one_x.SOLVER.STEPS) == (58640, 80630)
     assert one_x.SOLVER.WEIGHT_DECAY == 1e-4 and one_x.SOLVER.BASE_LR == 1e-4
     assert one_x.SOLVER.OPTIMIZER == "ADAMW" and one_x.SOLVER.IMS_PER_BATCH == 16
     assert one_x.SOLVER.AMP.ENABLED and one_x.INPUT.FORMAT == "RGB"

@@ -88,7 +88,7 @@ def _opts_of(cfg):
     keys = ["DATASETS.TRAIN", "DATASETS.TEST", "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.FPN.OUT_CHANNELS",
             "MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_MASK_HEAD.CONV_DIM", "MODEL.RPN.POST_NMS_TOPK_TEST",
             "MODEL.RPN.PRE_NMS_TOPK_TEST", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "DATALOADER.NUM_WORKERS",
-            "OUTPUT_DIR"]
+            "OUTPUT_DIR", "MODEL.PVT_D2.PRETRAINED"]
     opts = []
     for key in keys:
         node = cfg
@@ -122,7 +122,7 @@ def test_train_net_cpu_fallback_is_logged(dataset_root, tmp_path):
          "DATASETS.TRAIN", "('synthetic_train',)", "DATASETS.TEST", "()", "MODEL.RETINANET.NUM_CLASSES", "4",
          "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)",
          "INPUT.MAX_SIZE_TRAIN", "96", "MODEL.FPN.OUT_CHANNELS", "16", "DATALOADER.NUM_WORKERS", "0",
-         "OUTPUT_DIR", str(tmp_path)],
+         "MODEL.PVT_D2.PRETRAINED", "", "OUTPUT_DIR", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "DETECTRON2_DATASETS": dataset_root})
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

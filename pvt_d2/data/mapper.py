@@ -106,6 +106,15 @@ class RobustDatasetMapper(DatasetMapper):
     Built like detectron2's mapper: ``RobustDatasetMapper(cfg, is_train)``.
     """
 
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        if is_train and cfg.INPUT.get("AUGMENTATION", "default") != "default":
+            from .augmentation import build_train_augmentation  # INPUT.AUGMENTATION, e.g. "official_3x"
+
+            ret["augmentations"] = build_train_augmentation(cfg)
+        return ret
+
     def __init__(self, *args, max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_consecutive_failures = max_consecutive_failures

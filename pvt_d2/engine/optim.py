@@ -1,33 +1,46 @@
 """Optimizers: AdamW with weight-decay exemptions, and full-model gradient clipping."""
 import itertools
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 import torch
 from detectron2.solver import build_optimizer as build_d2_optimizer
 from torch import nn
 
-__all__ = ["NO_DECAY_KEYWORDS", "param_groups", "build_optimizer"]
+__all__ = ["no_weight_decay_names", "param_groups", "build_optimizer"]
 
-# Parameters whose name contains one of these are learned tables (position
-# embeddings, attention bias tables, class tokens) and get no weight decay.
-NO_DECAY_KEYWORDS = ("pos_embed", "cls_token", "relative_position_bias_table", "attention_biases",
-                     "rel_pos", "skip_lam")
+
+def no_weight_decay_names(model: nn.Module) -> Set[str]:
+    """Full names of the parameters that ``model`` and its sub-modules declare free of weight decay.
+
+    timm's convention: a module with a ``no_weight_decay()`` method returns the
+    names (relative to itself) of such parameters; every pvt_d2 backbone has
+    one (:meth:`~pvt_d2.modeling.backbone.base.PyramidBackbone.no_weight_decay`),
+    wherever it sits in the detector (``backbone.bottom_up`` under an FPN).
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            names.update(f"{prefix}.{n}" if prefix else n for n in declared())
+    return names
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Split trainable parameters into a decayed group and an exempt one.
 
     Exempt: every parameter with at most one dimension (norm scales and shifts,
-    biases, layer-scale vectors) and the learned tables named in
-    :data:`NO_DECAY_KEYWORDS`.
+    biases, layer-scale vectors) and those the model declares in
+    ``no_weight_decay()`` (:func:`no_weight_decay_names`: position
+    embeddings, Twins' PEG convs, attention-bias tables).
     """
+    exempt_names = no_weight_decay_names(model)
     decay, no_decay = [], []
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim <= 1 or any(k in name for k in NO_DECAY_KEYWORDS):
+        if p.ndim <= 1 or name in exempt_names:
             no_decay.append(p)
         else:
             decay.append(p)

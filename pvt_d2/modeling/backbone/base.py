@@ -7,7 +7,7 @@ returns every level it computes. The base class takes care of the rest:
 LayerNorm on each output, input validation, and ``FREEZE_AT`` semantics
 (frozen modules stay frozen and in eval mode after ``model.train()``).
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -33,6 +33,20 @@ class PyramidBackbone(Backbone):
     divisibility (``size_divisibility == 0``); an FPN on top of it asks for
     its own (32, or 128 with P6/P7) as usual.
     """
+
+    # Substrings of the names of learned tables (position embeddings, PEG convs,
+    # attention-bias tables) that the papers train without weight decay; see
+    # :meth:`no_weight_decay`.
+    no_weight_decay_keywords: Tuple[str, ...] = ()
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the parameters to train without weight decay (timm's ``no_weight_decay()`` convention).
+
+        The parameters whose name contains one of :attr:`no_weight_decay_keywords`.
+        The optimizer (``pvt_d2.engine.optim``) also exempts every parameter with
+        at most one dimension (norms, biases).
+        """
+        return {n for n, _ in self.named_parameters() if any(k in n for k in self.no_weight_decay_keywords)}
 
     def _init_pyramid(self, channels: Dict[str, int], strides: Dict[str, int],
                       out_features: Optional[Sequence[str]] = None, output_norm: bool = False,

@@ -541,6 +541,8 @@ class LevitBackbone(PyramidBackbone):
         norm: ``"FrozenBN"``, ``"BN"`` or ``"SyncBN"``.
     """
 
+    no_weight_decay_keywords = ("attention_biases",)  # attention bias tables: no weight decay
+
     def __init__(self, embed_dims: Sequence[int] = (128, 256, 384), key_dim: int = 16,
                  num_heads: Sequence[int] = (4, 6, 8), depths: Sequence[int] = (2, 3, 4),
                  attn_ratio: float = 2.0, mlp_ratio: float = 2.0, down_attn_ratio: float = 4.0,

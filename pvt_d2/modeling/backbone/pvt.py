@@ -156,6 +156,8 @@ class PyramidVisionTransformer(PyramidBackbone):
         freeze_at: see :class:`~.base.PyramidBackbone`.
     """
 
+    no_weight_decay_keywords = ("pos_embed",)  # position embeddings: no weight decay
+
     def __init__(self, embed_dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 4, 6, 3),
                  num_heads: Sequence[int] = (1, 2, 5, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), in_chans: int = 3, pretrain_img_size: int = 224,

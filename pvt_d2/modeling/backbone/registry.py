@@ -9,9 +9,11 @@ into the plain backbone, an FPN (P2-P6) or a RetinaNet FPN (P3-P7).
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Type
 
+import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
 
 __all__ = [
     "ArchSpec",
@@ -22,6 +24,7 @@ __all__ = [
     "build_pvt_d2_backbone",
     "build_pvt_d2_fpn_backbone",
     "build_pvt_d2_retinanet_fpn_backbone",
+    "LastLevelP6P7FromC5",
 ]
 
 
@@ -111,16 +114,39 @@ def build_pvt_d2_fpn_backbone(cfg, input_shape: ShapeSpec):
     )
 
 
+class LastLevelP6P7FromC5(nn.Module):
+    """RetinaNet's P6 and P7: P6 = 3x3 stride-2 conv on the backbone's ``res5``, P7 = the same on P6.
+
+    The FPN of the papers' RetinaNet configs (mmdetection ``FPN`` with
+    ``add_extra_convs='on_input'`` and the default ``relu_before_extra_convs=False``).
+    detectron2's ``LastLevelP6P7`` puts a ReLU between P6 and P7; this block does not.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_feature: str = "res5"):
+        super().__init__()
+        self.num_levels = 2
+        self.in_feature = in_feature
+        self.p6 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        for conv in (self.p6, self.p7):
+            weight_init.c2_xavier_fill(conv)
+
+    def forward(self, c5):
+        p6 = self.p6(c5)
+        return [p6, self.p7(p6)]
+
+
 @BACKBONE_REGISTRY.register()
 def build_pvt_d2_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec):
-    """Backbone + FPN with P3-P7 (P6/P7 by strided convs on P5), for RetinaNet."""
+    """Backbone + FPN with P3-P7 for RetinaNet: P6 from ``res5`` (C5), P7 from P6, no ReLU between."""
     bottom_up = _backbone_from_cfg(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    in_feature = cfg.MODEL.FPN.IN_FEATURES[-1]
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
+        top_block=LastLevelP6P7FromC5(bottom_up.output_shape()[in_feature].channels, out_channels, in_feature),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

@@ -193,6 +193,8 @@ class Twins(PyramidBackbone):
         freeze_at: see :class:`~.base.PyramidBackbone`.
     """
 
+    no_weight_decay_keywords = ("pos_block",)  # PEG convs: no weight decay, as the official 3x configs
+
     def __init__(self, embed_dims: Sequence[int], num_heads: Sequence[int], mlp_ratios: Sequence[float],
                  depths: Sequence[int], sr_ratios: Sequence[int] = (8, 4, 2, 1),
                  window_sizes: Optional[Sequence[int]] = None, extra_norm: Optional[bool] = None,
