@@ -19,6 +19,12 @@ The output keys are relative to the backbone and flagged with
 ``matching_heuristics``, so detectron2 maps them to ``backbone.bottom_up.*``
 (FPN) or ``backbone.*`` (plain backbone). ``MODEL.PVT_D2.PRETRAINED`` accepts
 the input file directly as well.
+
+The input is read safely (``torch.load(weights_only=True)``, safetensors, or
+the restricted unpickler for plain ``.pkl`` files: nothing in it can run) and
+never written: an output that is the input file is refused (exit status 2),
+and an existing output file is kept unless ``--force`` is given. A file that
+cannot be converted ends with one ``ERROR:`` line and exit status 1.
 """
 import argparse
 import logging
@@ -41,15 +47,34 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="variant the checkpoint must be (default: detected from its shapes)")
     parser.add_argument("--layout", choices=("official", "timm", "pvt_d2"), default=None,
                         help="key layout of the input (default: detected from its keys)")
+    parser.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                        help="replace the output file if it exists (never the input)")
     parser.add_argument("--key", default=None,
                         help="entry holding the weights, e.g. model_ema (default: model, state_dict, ... or top level)")
     return parser.parse_args(argv)
+
+
+def output_problem(input_path: str, output_path: str, force: bool) -> Optional[str]:
+    """Why writing ``output_path`` would destroy a file of the user's, or None."""
+    if os.path.exists(input_path) and os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        return (f"the output {output_path} is the input file: converting would replace the source checkpoint. "
+                f"Give another output file name. Nothing was written.")
+    if os.path.isdir(output_path):
+        return f"the output {output_path} is a folder; give a file name such as {output_path}/model_d2.pth"
+    if os.path.exists(output_path) and not force:
+        return (f"the output {output_path} exists already and is kept; pass --force to replace it or choose another "
+                f"file name. Nothing was written.")
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("pvt_d2.convert_pretrained")
+    problem = output_problem(args.input, args.output, args.force)
+    if problem:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
     try:
         converted = convert_checkpoint(args.input, arch=args.arch, layout=args.layout, key=args.key)
         if converted.arch is None:
@@ -59,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"Pass --arch to see how it differs from one")
         report = load_converted(create_backbone(converted.arch), converted)
     except CheckpointError as e:
-        log.error(f"error: {e}")
+        print(f"ERROR: {e}", file=sys.stderr)
         return 1
     save_for_detectron2(converted, args.output)
     log.info(f"{converted.arch}: {len(report.loaded)} tensors from the {converted.layout} layout "

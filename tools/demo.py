@@ -17,6 +17,15 @@ there is one input); a video goes to ``--output`` if it names a video file,
 else to ``<output>/<name>.mp4``. Inputs that are missing or cannot be read
 are reported by name and skipped; the exit code is non-zero only if nothing
 could be processed.
+
+Safety: the model is built and its ``MODEL.WEIGHTS`` loaded by pvt_d2's own
+checkpointer (:class:`~pvt_d2.checkpoint.AtomicCheckpointer`, strict: the
+weights must be those of the config's model; a file that would run code when
+unpickled, a missing file, or weights of another architecture end with one
+``ERROR:`` line and exit status 2). The demo never writes over its inputs:
+an ``--output`` that is an input file, or a folder that is (or is inside) an
+input folder, is refused, and existing result files are kept unless
+``--overwrite`` is given.
 """
 import argparse
 import glob
@@ -33,6 +42,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
+from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config  # noqa: E402
 from pvt_d2.config import ConfigError, load_config  # noqa: E402
 from pvt_d2.data import DatasetError  # noqa: E402
 from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
@@ -103,15 +113,43 @@ def dataset_metadata(cfg):
     return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
 
 
+class Predictor:
+    """The config's detector with its ``MODEL.WEIGHTS``, run on one BGR image (as detectron2's ``DefaultPredictor``).
+
+    The weights are loaded strictly by :class:`~pvt_d2.checkpoint.AtomicCheckpointer`.
+
+    Raises:
+        CheckpointError: missing, unreadable or unsafe weights file, or weights of another model.
+    """
+
+    def __init__(self, cfg):
+        from detectron2.data import transforms as T
+        from detectron2.modeling import build_model
+
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg).eval()
+        if cfg.MODEL.WEIGHTS:
+            AtomicCheckpointer(self.model, strict=True, run_info=run_info_from_config(cfg)).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=False)
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+
+    def __call__(self, bgr: np.ndarray) -> dict:
+        with torch.no_grad():
+            image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
+            height, width = image.shape[:2]
+            image = self.aug.get_transform(image).apply_image(image)
+            tensor = torch.as_tensor(np.ascontiguousarray(image.astype("float32").transpose(2, 0, 1)))
+            return self.model([{"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}])[0]
+
+
 class Demo:
-    """A detectron2 predictor plus drawing; ``run_image`` / ``run_video`` write the results."""
+    """A :class:`Predictor` plus drawing; ``run_image`` / ``run_video`` write the results."""
 
     def __init__(self, cfg, threshold: float):
-        from detectron2.engine import DefaultPredictor
-
         if not cfg.MODEL.WEIGHTS:
             logger.warning("MODEL.WEIGHTS is empty: the model has random weights and its detections are noise.")
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = Predictor(cfg)
         self.metadata = dataset_metadata(cfg)
         self.threshold = threshold
 
@@ -170,6 +208,40 @@ class Demo:
         return frames
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (after resolving links)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def output_conflicts(items: List[str], paths: List[str], targets: List[str], out: str, overwrite: bool) -> List[str]:
+    """Why writing ``targets`` (for ``--output out``) would destroy a file of the user's; empty if it would not.
+
+    Args:
+        items: the ``--input`` items as given (folders among them).
+        paths: the input files they expanded to.
+        targets: the result files that would be written.
+        out: ``--output``.
+        overwrite: ``--overwrite`` given (existing result files may be replaced).
+    """
+    problems = []
+    inputs = {os.path.realpath(p) for p in paths}
+    for target in targets:
+        if os.path.realpath(target) in inputs:
+            problems.append(f"--output {out} would write {target} over the input file of that name")
+    for item in items:
+        if os.path.isdir(item) and _inside(out, item):
+            problems.append(f"--output {out} is the input folder {item} or inside it: the drawn images would "
+                            f"replace or mix with the photos")
+    if not problems and not overwrite:
+        existing = [t for t in targets if os.path.exists(t)]
+        if existing:
+            problems.append(f"{len(existing)} result file(s) exist already ({', '.join(existing[:3])}"
+                            f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them or choose "
+                            f"another --output")
+    return problems
+
+
 def _unique_name(name: str, used: set) -> str:
     stem, ext = os.path.splitext(name)
     candidate, k = name, 1
@@ -193,6 +265,8 @@ def get_parser():
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
                         help="your own dataset (NAME=annotations.json:images or NAME=VOCfolder[:SPLIT]) whose "
                              "class names are drawn and whose class count sizes the model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace result files that exist already in --output (never the inputs)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -225,10 +299,24 @@ def main(argv=None) -> int:
               f"give a folder for {len(paths)} inputs", file=sys.stderr)
         return 2
 
-    demo = Demo(cfg, args.confidence_threshold)
-    done, failed, used = [], [], set()
-    for path in tqdm(images, desc="images", unit="img", disable=len(images) < 2):
-        target = out if single_image_file else os.path.join(out, _unique_name(os.path.basename(path), used))
+    used = set()
+    image_targets = [out if single_image_file else os.path.join(out, _unique_name(os.path.basename(p), used))
+                     for p in images]
+    video_targets = [out if single_video_file else
+                     os.path.join(out, _unique_name(f"{os.path.splitext(os.path.basename(p))[0]}.mp4", used))
+                     for p in videos]
+    conflicts = output_conflicts(args.input, paths, image_targets + video_targets, out, args.overwrite)
+    if conflicts:
+        print(f"ERROR: {'; '.join(conflicts)}. Nothing was written.", file=sys.stderr)
+        return 2
+
+    try:
+        demo = Demo(cfg, args.confidence_threshold)
+    except CheckpointError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    done, failed = [], []
+    for path, target in tqdm(list(zip(images, image_targets)), desc="images", unit="img", disable=len(images) < 2):
         try:
             n = demo.run_image(path, target)
         except Exception as e:  # unreadable or corrupt file: report it, keep going
@@ -237,9 +325,7 @@ def main(argv=None) -> int:
             continue
         done.append(target)
         logger.debug(f"{path}: {n} detections -> {target}")
-    for path in videos:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        target = out if single_video_file else os.path.join(out, _unique_name(f"{stem}.mp4", used))
+    for path, target in zip(videos, video_targets):
         try:
             frames = demo.run_video(path, target)
         except Exception as e:

@@ -16,6 +16,7 @@ diverged loss) end the command with exit status 2 and one ``ERROR:`` paragraph
 on stderr instead of a traceback; the config is checked before any worker
 process starts.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -34,13 +35,15 @@ from pvt_d2.config import ConfigError, load_config  # noqa: E402
 from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,  # noqa: E402
                          prepare_datasets)
 from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
-from pvt_d2.engine import AtomicCheckpointer, Trainer, use_cpu_if_no_cuda  # noqa: E402
+from pvt_d2.engine import Trainer, use_cpu_if_no_cuda  # noqa: E402
+from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir  # noqa: E402
 from pvt_d2.checkpoint import CheckpointError  # noqa: E402
 from pvt_d2.checkpoint.download import prefetch_pretrained  # noqa: E402
 from pvt_d2.engine.trainer import NonFiniteLossError  # noqa: E402
 
 # Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
+               OutputDirError)
 # Those that every process of a multi-process run meets at the same point: the first process reports them.
 SHARED_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, CheckpointError)
 # How long the other processes wait before exiting on such an error.
@@ -70,8 +73,12 @@ def main(args):
     if args.eval_only:
         check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = Trainer.build_checkpointer(cfg, model, strict=True)
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            raise CheckpointError("--eval-only needs trained weights: MODEL.WEIGHTS is empty (and there is no "
+                                  "checkpoint to --resume from in OUTPUT_DIR), so it would evaluate a randomly "
+                                  "initialised model. Pass MODEL.WEIGHTS path/to/model_final.pth.")
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -112,6 +119,9 @@ def check_args(args) -> None:
                           f"processes ({world_size} = --num-gpus x --num-machines) so that each gets the same "
                           f"number of images.")
     prepare_datasets(([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST))
+    if not args.eval_only:
+        check_output_dir(cfg.OUTPUT_DIR, resume=args.resume, overwrite=args.overwrite)
+    return cfg
 
 
 def get_parser():
@@ -121,18 +131,23 @@ def get_parser():
                         help="declare a dataset (repeatable): NAME=annotations.json:images (COCO json) or "
                              "NAME=VOCfolder[:SPLIT] (Pascal VOC); name it in DATASETS.TRAIN / DATASETS.TEST. "
                              "The number of classes is taken from the training set.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an OUTPUT_DIR that holds another run's checkpoints, replacing "
+                             "them (without it, such a folder is refused unless --resume)")
     return parser
 
 
 def cli(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        check_args(args)
-        if args.num_gpus * args.num_machines > 1:
-            launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                   dist_url=args.dist_url, args=(args,))
-        else:
-            main(args)
+        cfg = check_args(args)
+        with OutputDirLock(cfg.OUTPUT_DIR, "evaluation" if args.eval_only else "training") \
+                if args.machine_rank == 0 else contextlib.nullcontext():
+            if args.num_gpus * args.num_machines > 1:
+                launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                       dist_url=args.dist_url, args=(args,))
+            else:
+                main(args)
     except USER_ERRORS as e:
         _report(e)
         return 2

@@ -19,7 +19,7 @@ from .convert import (
     load_pretrained_backbone,
     save_for_detectron2,
 )
-from .checkpointer import AtomicCheckpointer
+from .checkpointer import AtomicCheckpointer, run_info_from_config
 from .io import CheckpointError, atomic_torch_save, read_state_dict
 from .mappings import MAPPINGS, get_mapping
 
@@ -38,5 +38,6 @@ __all__ = [
     "load_converted",
     "load_pretrained_backbone",
     "read_state_dict",
+    "run_info_from_config",
     "save_for_detectron2",
 ]

@@ -5,22 +5,37 @@ weights are NaN/Inf, or the checkpoint of another model raise
 :class:`CheckpointError` naming the file instead of a bare assertion or, worse,
 a model that silently keeps its random initialisation.
 """
+import errno
 import logging
 import os
-from urllib.parse import urlparse
+from collections.abc import Mapping
+from typing import Any, Dict, Optional
+from urllib.parse import parse_qs, urlparse
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .finetune import reinitialise_class_heads
-from .io import CheckpointError, atomic_torch_save, load_checkpoint_file
+from .io import CheckpointError, atomic_torch_save, check_finite, load_checkpoint_file
 
-__all__ = ["AtomicCheckpointer"]
+__all__ = ["AtomicCheckpointer", "run_info_from_config"]
+
+#: Entry of a saved checkpoint describing the run that wrote it (see :func:`run_info_from_config`).
+RUN_INFO_KEY = "pvt_d2"
 
 logger = logging.getLogger(__name__)
 
 # Rows of the mismatch table written when a checkpoint loads only partly.
 _TABLE_ROWS = 20
+
+
+def run_info_from_config(cfg) -> Dict[str, Any]:
+    """What a checkpoint records about its run, and what loading it checks: architecture, detector,
+    optimizer and schedule length."""
+    info = {"meta_architecture": cfg.MODEL.META_ARCHITECTURE, "optimizer": str(cfg.SOLVER.get("OPTIMIZER", "SGD")),
+            "max_iter": int(cfg.SOLVER.MAX_ITER)}
+    if cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
+        info["arch"] = cfg.MODEL.PVT_D2.ARCH
+    return info
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -40,12 +55,25 @@ class AtomicCheckpointer(DetectionCheckpointer):
       loaded with a warning table of the skipped and missing tensors, unless
       the load is strict: always when resuming (the checkpoint must be of this
       very model), and when ``strict=True`` is given (evaluation), where any
-      missing or mismatched tensor raises :class:`CheckpointError`.
+      missing or mismatched tensor raises :class:`CheckpointError`;
+    * every file is read by :func:`~pvt_d2.checkpoint.io.load_checkpoint_file`
+      (never plain ``pickle`` / ``torch.load``): detectron2 model-zoo ``.pkl``
+      files through the restricted unpickler, ``.pyth`` and everything else
+      with ``torch.load(weights_only=True)`` or safetensors;
+    * with ``run_info`` (:func:`run_info_from_config`), saved checkpoints
+      record it; a strict load refuses a checkpoint recorded for another
+      architecture (naming both), and a resume refuses one written with
+      another optimizer or at an iteration the schedule has already passed.
+
+    Saving: a full disk (``ENOSPC``) raises :class:`CheckpointError` naming the
+    last good checkpoint, which is left as it was.
     """
 
-    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **kwargs):
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False,
+                 run_info: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.strict = strict
+        self.run_info = dict(run_info or {})
         self._strict_now = strict
         self._loading = ""
 
@@ -75,20 +103,76 @@ class AtomicCheckpointer(DetectionCheckpointer):
         finally:
             self._parsed_url_during_load = None  # detectron2 leaves it set after a failed load
 
-    def _torch_load(self, f: str):
-        return load_checkpoint_file(f)
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """Read ``filename`` safely, in the forms detectron2 accepts (model-zoo ``.pkl``, pycls ``.pyth``, torch)."""
+        data = load_checkpoint_file(filename)
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{self._loading or filename} holds a {type(data).__name__}, not a checkpoint")
+        data = dict(data)
+        if filename.endswith(".pkl"):
+            if "model" in data and "__author__" in data:  # detectron2 model zoo
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
+                return data
+            weights = data.get("blobs", data)  # Caffe2 / Detectron1 model zoo
+            if not isinstance(weights, Mapping):
+                raise CheckpointError(f"{self._loading or filename} holds no weights")
+            weights = {k: v for k, v in weights.items() if not k.endswith("_momentum")}
+            return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):  # pycls
+            if not isinstance(data.get("model_state"), Mapping):
+                raise CheckpointError(f"Cannot load .pyth file {self._loading or filename}: pycls checkpoints "
+                                      f"must contain 'model_state'.")
+            weights = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": weights, "__author__": "pycls", "matching_heuristics": True}
+        if "model" not in data:
+            data = {"model": data}
+        if self._parsed_url_during_load is not None:
+            queries = parse_qs(self._parsed_url_during_load.query)
+            if queries.pop("matching_heuristics", "False") == ["True"]:
+                data["matching_heuristics"] = True
+            if queries:
+                raise CheckpointError(f"Unsupported query {queries} in {self._parsed_url_during_load.geturl()}")
+        return data
+
+    def _check_run_info(self, checkpoint) -> None:
+        """Refuse a strict load of another architecture, and a resume that cannot continue."""
+        saved = checkpoint.get(RUN_INFO_KEY)
+        if not isinstance(saved, Mapping) or not self.run_info:
+            return
+        where = self._loading or "(file)"
+        ours, theirs = self.run_info.get("arch"), saved.get("arch")
+        if ours and theirs and ours != theirs:
+            message = (f"Checkpoint {where} holds a {theirs} model but the config builds {ours} "
+                       f"(MODEL.PVT_D2.ARCH)")
+            if self._strict_now:
+                raise CheckpointError(f"{message}: its weights cannot be used. Use the config the checkpoint "
+                                      f"was trained with, or set MODEL.PVT_D2.ARCH {theirs}.")
+            logger.warning(f"{message}; only the tensors that match are loaded.")
+        if "optimizer" not in self.checkpointables or "iteration" not in checkpoint:
+            return  # not a resume
+        if saved.get("optimizer") and self.run_info.get("optimizer") and \
+                saved["optimizer"].upper() != self.run_info["optimizer"].upper():
+            raise CheckpointError(
+                f"Cannot resume from {where}: it was trained with SOLVER.OPTIMIZER {saved['optimizer']} but the "
+                f"config says {self.run_info['optimizer']}; the optimizer state cannot continue. Resume with "
+                f"SOLVER.OPTIMIZER {saved['optimizer']}, or start a new run (another OUTPUT_DIR, MODEL.WEIGHTS "
+                f"{where.split(' ')[0]}).")
+        max_iter = self.run_info.get("max_iter")
+        if max_iter is not None and int(checkpoint["iteration"]) + 1 > max_iter:
+            raise CheckpointError(
+                f"Cannot resume from {where}: it is at iteration {int(checkpoint['iteration']) + 1} but "
+                f"SOLVER.MAX_ITER = {max_iter}, so there is nothing left to train. Raise SOLVER.MAX_ITER above "
+                f"{int(checkpoint['iteration']) + 1} to train longer, or evaluate it with --eval-only.")
 
     def _load_model(self, checkpoint):
         weights = checkpoint.get("model")
-        if not isinstance(weights, dict) or not weights:
+        if not isinstance(weights, Mapping) or not weights:
             raise CheckpointError(f"Checkpoint {self._loading or '(file)'} holds no model weights.")
-        params = dict(self.model.named_parameters())  # buffers may hold -inf masks on purpose
-        bad = [k for k, v in weights.items() if k.replace("module.", "", 1) in params and isinstance(v, torch.Tensor)
-               and v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise CheckpointError(
-                f"Checkpoint {self._loading or '(file)'} has NaN or infinite values in {len(bad)} tensors "
-                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): it was saved from a diverged run.")
+        # only parameters are checked: buffers may hold -inf masks on purpose
+        params = {k for k, _ in self.model.named_parameters()}
+        check_finite(weights, self._loading or "(file)",
+                     names={k for k in weights if k.replace("module.", "", 1) in params})
+        self._check_run_info(checkpoint)
         # fine-tuning into other classes: class-dependent head layers start afresh (finetune.py)
         reinit = reinitialise_class_heads(self.model, weights) if not self._strict_now else None
         incompatible = super()._load_model(checkpoint)
@@ -131,13 +215,25 @@ class AtomicCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.run_info:
+            data[RUN_INFO_KEY] = dict(self.run_info)
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         os.makedirs(self.save_dir, exist_ok=True)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
+        try:
+            atomic_torch_save(data, save_file)
+            self.tag_last_checkpoint(basename)
+        except OSError as e:
+            if not _is_disk_full(e):
+                raise
+            last = self.get_checkpoint_file() if self.has_checkpoint() else ""
+            raise CheckpointError(
+                f"The disk is full: checkpoint {save_file} could not be written and was not kept. "
+                + (f"The last good checkpoint is still {last}: free some space and continue with --resume."
+                   if last else "No checkpoint of this run was written yet: free some space and start again.")) \
+                from None
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
@@ -145,3 +241,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         with open(tmp, "w") as f:
             f.write(last_filename_basename)
         os.replace(tmp, path)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether a save failed because the disk (or the quota) is full."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -12,6 +12,16 @@ the file extension):
   which the DeiT and timm training scripts store as ``args`` next to the
   weights and which only holds attributes.
 * safetensors files, read with the ``safetensors`` library (no pickle at all).
+* plain pickles (``pickle.dump``; detectron2 / Detectron model-zoo ``.pkl``
+  files: dicts of numpy arrays), read with :class:`RestrictedUnpickler`,
+  which rebuilds dicts, lists, tuples, numbers, strings and numpy arrays only
+  and refuses any other global before it is imported, naming the file and
+  the global.
+
+Every file pvt_d2 opens goes through :func:`load_checkpoint_file`: the
+checkpointer's ``MODEL.WEIGHTS`` and ``--resume`` loads (whatever the
+extension, ``.pkl`` and ``.pyth`` included), ``MODEL.PVT_D2.PRETRAINED``,
+``tools/convert_pretrained.py`` and ``tools/demo.py``.
 
 Anything else, an empty file, a truncated download, or a file whose state
 dict cannot be found is refused with a :class:`CheckpointError` naming the
@@ -31,8 +41,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["CheckpointError", "NESTED_KEYS", "sniff_format", "load_checkpoint_file", "extract_state_dict",
-           "read_state_dict", "atomic_torch_save"]
+__all__ = ["CheckpointError", "NESTED_KEYS", "RestrictedUnpickler", "sniff_format", "load_checkpoint_file",
+           "extract_state_dict", "read_state_dict", "check_finite", "atomic_torch_save"]
 
 #: Where training scripts put the weights, in order of preference.
 NESTED_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module", "ema")
@@ -40,14 +50,56 @@ NESTED_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module", "
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _SAFE_EXTRA_GLOBALS = [argparse.Namespace]
+# A legacy (pre-zip) torch.save file starts with its pickled magic number.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+# What a plain pickle may name: numpy arrays and scalars (numpy 1 and 2 module paths), their dtypes,
+# ordered dicts, and the bytes re-encoding that protocol-2 pickles use for array data.
+_PLAIN_PICKLE_GLOBALS = frozenset({
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+})
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, of another model, or not matching it."""
 
 
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain data: dicts, lists, tuples, numbers, strings and numpy arrays.
+
+    Any other global (a function such as ``os.system`` in a ``__reduce__``, a
+    class, torch's storage loaders) is refused before it is imported:
+    :class:`CheckpointError` names the file and the global. Persistent ids
+    (used by ``torch.save``) are refused too.
+    """
+
+    def __init__(self, file, source: str):
+        super().__init__(file, encoding="latin1")  # Python 2 pickles (Detectron / Caffe2) store arrays as str
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PLAIN_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"Refusing to load {self.source}: it is a pickle with content the safe loader does not rebuild, which "
+            f"would import or run Python code ({module}.{name}) when loaded. Only dicts, lists, numbers, strings and numpy arrays are accepted "
+            f"in a plain pickle (.pkl). If you trust the file, re-save just its weights with torch.save (or as "
+            f".safetensors) and use that.")
+
+    def persistent_load(self, pid):
+        raise CheckpointError(f"Refusing to load {self.source}: it is a pickle with external references "
+                              f"(persistent id {str(pid)[:40]!r}), not plain data.")
+
+
 def sniff_format(path: str) -> str:
-    """The container format of ``path``: ``"zip"``, ``"pickle"`` or ``"safetensors"``.
+    """The container format of ``path``: ``"zip"``, ``"pickle"`` (legacy torch.save), ``"plain_pickle"`` or
+    ``"safetensors"``.
 
     Raises:
         CheckpointError: missing, empty or unrecognised file.
@@ -64,7 +116,7 @@ def sniff_format(path: str) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[0] == _PICKLE_PROTO:
-        return "pickle"
+        return "pickle" if head.startswith(_TORCH_LEGACY_MAGIC) else "plain_pickle"
     raise CheckpointError(
         f"{path} is not a checkpoint: unrecognised file format (starts with {head[:8]!r}); expected a PyTorch "
         f"file (.pth, .pth.tar, .bin) or a .safetensors file")
@@ -111,6 +163,8 @@ def load_checkpoint_file(path: str) -> Any:
         CheckpointError: see the module docstring.
     """
     fmt = sniff_format(path)
+    if fmt == "plain_pickle":
+        return _load_plain_pickle(path)
     if fmt == "safetensors":
         _check_safetensors_complete(path)
         from safetensors import SafetensorError
@@ -141,6 +195,57 @@ def load_checkpoint_file(path: str) -> Any:
             from None
 
 
+def _load_plain_pickle(path: str) -> Any:
+    """A plain pickle through :class:`RestrictedUnpickler`; truncated or corrupt files are named."""
+    with open(path, "rb") as f:
+        try:
+            return RestrictedUnpickler(f, source=path).load()
+        except CheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, struct.error, UnicodeDecodeError, MemoryError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path} cannot be read as a pickle (truncated or corrupt?): {first}") from None
+
+
+def check_finite(weights: Mapping, source: str, names: Optional[Any] = None) -> None:
+    """Refuse weights holding NaN or infinite values.
+
+    Args:
+        weights: name -> tensor or numpy array.
+        source: the file, for the message.
+        names: if given, only these names are checked (e.g. a model's
+            parameters: buffers may hold ``-inf`` masks on purpose).
+
+    Raises:
+        CheckpointError: naming the file and the first tensors with such values.
+    """
+    import numpy as np
+
+    bad = []
+    for k, v in weights.items():
+        if names is not None and k not in names:
+            continue
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            bad.append(k)
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad.append(k)
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint {source} has NaN or infinite values in {len(bad)} tensors "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): it was saved from a diverged run or is "
+            f"corrupt, and is refused.")
+
+
+def _as_tensors(obj: Any) -> Any:
+    """A mapping of numpy arrays (a plain pickle) as a mapping of tensors; anything else unchanged."""
+    import numpy as np
+
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+        return {k: torch.as_tensor(v) for k, v in obj.items()}
+    return obj
+
+
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -167,6 +272,11 @@ def extract_state_dict(obj: Any, key: Optional[str] = None, source: str = "check
         ``(state_dict, key)``: tensors by name (a common ``module.`` prefix
         removed) and the entry they came from (None at the top level).
     """
+    converted = _as_tensors(obj)
+    if converted is not obj:
+        obj = converted
+    elif isinstance(obj, Mapping):  # weights nested under "model" etc.
+        obj = {k: _as_tensors(v) for k, v in obj.items()}
     if key:
         node = obj
         for part in key.split("."):
@@ -195,9 +305,14 @@ def read_state_dict(path: str, key: Optional[str] = None) -> Tuple[Dict[str, tor
     Returns:
         ``(state_dict, info)`` with ``info`` holding ``format``, ``key`` (the
         nested entry used) and ``author`` (``__author__`` of the file, if any).
+
+    Raises:
+        CheckpointError: unreadable or unsafe file, no state dict, or a
+            tensor with NaN / infinite values (named).
     """
     obj = load_checkpoint_file(path)
     state_dict, used = extract_state_dict(obj, key, source=path)
+    check_finite(state_dict, path)
     author = obj.get("__author__") if isinstance(obj, Mapping) else None
     return state_dict, {"format": sniff_format(path), "key": used, "author": author}
 

@@ -27,7 +27,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import AtomicCheckpointer
+from ..checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
 from ..data import DatasetError, check_num_classes, load_dataset_dicts, prepare_datasets
 from ..data.mapper import RobustDatasetMapper
 from .optim import build_optimizer
@@ -108,10 +108,11 @@ class CheckedAMPTrainer(_LossCheckOnAllProcesses, AMPTrainer):
 
 
 class _HideDivergenceTraceback(logging.Filter):
-    """Drop detectron2's "Exception during training" traceback for a divergence; it is reported cleanly."""
+    """Drop detectron2's "Exception during training" traceback for a divergence or a failed save (disk full);
+    both are reported cleanly."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+        return not (record.exc_info and isinstance(record.exc_info[1], (FloatingPointError, CheckpointError)))
 
 
 def _loss_terms(message: str) -> str:
@@ -163,9 +164,11 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_checkpointer(cls, cfg, model, **checkpointables) -> AtomicCheckpointer:
-        """The checkpointer of a run: :class:`~pvt_d2.checkpoint.AtomicCheckpointer` in ``OUTPUT_DIR``."""
-        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+    def build_checkpointer(cls, cfg, model, *, strict: bool = False, **checkpointables) -> AtomicCheckpointer:
+        """The checkpointer of a run: :class:`~pvt_d2.checkpoint.AtomicCheckpointer` in ``OUTPUT_DIR``,
+        recording (and checking on load) :func:`~pvt_d2.checkpoint.run_info_from_config`."""
+        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, strict=strict, run_info=run_info_from_config(cfg),
+                                  **checkpointables)
 
     def train(self):
         """Train, and return the last evaluation results (``{dataset: {task: metrics}}``) or None.
