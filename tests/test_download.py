@@ -239,6 +239,14 @@ def test_manual_download_source_is_never_fetched_and_is_used_once_cached(cache):
     assert resolve_pretrained(url) == str(cache / "vip_s7.pth")
 
 
+def test_coco_config_names_the_official_checkpoint_and_its_cache_file(cache):
+    from pvt_d2.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "retinanet_pvt_s.yaml"))
+    assert cfg.MODEL.PVT_D2.PRETRAINED == "https://github.com/whai362/PVT/releases/download/v2/pvt_small.pth"
+    assert cache_path(cfg.MODEL.PVT_D2.PRETRAINED) == str(cache / "pvt_small.pth")
+
+
 # ---------------------------------------------------------------------------
 # The CLI: COCO laid out, no network / checkpoint in the cache
 # ---------------------------------------------------------------------------

@@ -378,7 +378,9 @@ def load_converted(backbone: PyramidBackbone, converted: ConvertedCheckpoint,
             f"{report.table()}\n{report.problems()}")
     incompatible = backbone.load_state_dict(weights, strict=False)
     assert not incompatible.unexpected_keys and set(incompatible.missing_keys) == set(report.new), incompatible
-    logger.info(f"Loaded ImageNet weights for {label} from {converted.source} ({converted.layout} layout):\n"
+    mode = (", first-generation GC ViT global queries reproduced"
+            if getattr(backbone, "first_generation_queries", False) else "")
+    logger.info(f"Loaded ImageNet weights for {label} from {converted.source} ({converted.layout} layout{mode}):\n"
                 f"{report.table()}")
     return report
 
