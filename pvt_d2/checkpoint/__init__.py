@@ -3,6 +3,8 @@
 - :mod:`.io`        safe reading of ``.pth`` / ``.pth.tar`` / ``.bin`` / ``.safetensors``
 - :mod:`.mappings`  one key mapping per family and source layout, variant identification
 - :mod:`.convert`   detection, conversion, checked loading with a report, detectron2 export
+- :mod:`.sources`   the official ImageNet checkpoint (URL, cache file name) of every architecture
+- :mod:`.download`  ``MODEL.PVT_D2.PRETRAINED`` URLs downloaded once into ``$PVT_D2_CACHE``, atomically
 - :mod:`.checkpointer` the detectron2 checkpointer used for training (safe reading, atomic saving)
 
 ``load_pretrained_backbone(model, path)`` is what ``MODEL.PVT_D2.PRETRAINED``
@@ -20,8 +22,10 @@ from .convert import (
     save_for_detectron2,
 )
 from .checkpointer import AtomicCheckpointer, run_info_from_config
+from .download import WeightsDownloadError, cache_path, resolve_pretrained
 from .io import CheckpointError, atomic_torch_save, read_state_dict
 from .mappings import MAPPINGS, get_mapping
+from .sources import SOURCES, WeightSource, get_source, pretrained_url
 
 __all__ = [
     "AtomicCheckpointer",
@@ -29,15 +33,22 @@ __all__ = [
     "ConvertedCheckpoint",
     "LoadReport",
     "MAPPINGS",
+    "SOURCES",
+    "WeightSource",
+    "WeightsDownloadError",
     "atomic_torch_save",
+    "cache_path",
     "convert_checkpoint",
     "convert_state_dict",
     "detect_source",
     "find_backbone",
     "get_mapping",
+    "get_source",
     "load_converted",
     "load_pretrained_backbone",
+    "pretrained_url",
     "read_state_dict",
+    "resolve_pretrained",
     "run_info_from_config",
     "save_for_detectron2",
 ]
