@@ -61,6 +61,11 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # With AdamW, gradient clipping (when enabled) clips the norm of all
     # gradients together, as the papers' mmdetection recipes do.
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+
+    # Your own datasets, each "NAME=path/annotations.json:path/images" (COCO
+    # json) or "NAME=path/VOCfolder[:SPLIT]" (Pascal VOC); the tools' --dataset
+    # flag adds to it. See pvt_d2/data/custom.py.
+    cfg.DATASETS.CUSTOM = []
     return cfg
 
 
