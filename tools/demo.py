@@ -226,9 +226,10 @@ def output_conflicts(items: List[str], paths: List[str], targets: List[str], out
     """
     problems = []
     inputs = {os.path.realpath(p) for p in paths}
-    for target in targets:
-        if os.path.realpath(target) in inputs:
-            problems.append(f"--output {out} would write {target} over the input file of that name")
+    clashes = [t for t in targets if os.path.realpath(t) in inputs]
+    if clashes:
+        problems.append(f"--output {out} would write {', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''} "
+                        f"over the input file(s) of that name")
     for item in items:
         if os.path.isdir(item) and _inside(out, item):
             problems.append(f"--output {out} is the input folder {item} or inside it: the drawn images would "

@@ -62,6 +62,8 @@ _PLAIN_PICKLE_GLOBALS = frozenset({
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
 })
 

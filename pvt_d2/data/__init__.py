@@ -3,5 +3,6 @@ from .datasets import (DatasetError, DatasetNotFoundError, UnknownDatasetError, 
                        load_dataset_dicts, prepare_datasets, register_all)
 from .mapper import BadImageError, RobustDatasetMapper
 from .synthetic import CLASSES, dataset_root, ensure_synthetic_dataset, register_synthetic_datasets
+from .validation import check_coco_json, check_datasets_for_config
 
 register_all()

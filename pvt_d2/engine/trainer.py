@@ -28,8 +28,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
-from ..data import DatasetError, check_num_classes, load_dataset_dicts, prepare_datasets
-from ..data.mapper import RobustDatasetMapper
+from ..data import (DatasetError, check_datasets_for_config, check_num_classes, load_dataset_dicts,
+                    prepare_datasets)
+from ..data.mapper import MAX_CONSECUTIVE_FAILURES, RobustDatasetMapper
 from .optim import build_optimizer
 
 __all__ = ["Trainer", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
@@ -143,6 +144,9 @@ class Trainer(DefaultTrainer):
             raise DatasetError("DATASETS.TRAIN is empty: name at least one dataset to train on.")
         # refuse a class-count mismatch now, not hours later (evaluation runs at the end of training);
         # training sets whose classes are known only once loaded are checked in build_train_loader
+        # annotation files are checked (json, ids, sizes, boxes, polygons, masks vs MODEL.MASK_ON) before
+        # anything is built: pvt_d2/data/validation.py
+        check_datasets_for_config(cfg, cfg.DATASETS.TRAIN)
         check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
         check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
         self._step_failed = False
@@ -228,7 +232,11 @@ class Trainer(DefaultTrainer):
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
         check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=RobustDatasetMapper(cfg, True))
+        # a dataset smaller than the failure limit is broken once each of its images failed (detectron2's
+        # MapDataset has no other image left to try then)
+        mapper = RobustDatasetMapper(cfg, True, max_consecutive_failures=max(1, min(MAX_CONSECUTIVE_FAILURES,
+                                                                                      len(dataset))))
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
