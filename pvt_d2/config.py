@@ -102,6 +102,7 @@ def load_config(config_file: str, opts=None) -> CN:
         raise ConfigError(f"Config file not found: {config_file}")
     cfg = get_pvt_d2_cfg()
     try:
+        _check_base_chain(config_file)
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
         raise ConfigError(f"Config file {config_file} (or one of its _BASE_ files) contains a YAML tag that "
@@ -123,6 +124,41 @@ def load_config(config_file: str, opts=None) -> CN:
             raise ConfigError(f"Bad override value: {e}") from None
     validate_config(cfg)
     return cfg
+
+
+def _check_base_chain(config_file: str, chain=()) -> None:
+    """Walk the ``_BASE_`` chain of a YAML config: every file exists, is a mapping, and no file includes itself.
+
+    Raises:
+        ConfigError: naming the file (and the chain that led to it).
+    """
+    import os
+
+    import yaml
+
+    path = os.path.abspath(config_file)
+    via = f" (via {' -> '.join(chain)})" if chain else ""
+    if path in {os.path.abspath(c) for c in chain}:
+        raise ConfigError(f"Config file {config_file} includes itself through _BASE_: "
+                          f"{' -> '.join([*chain, config_file])}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"_BASE_ file not found: {config_file}{via}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {config_file}{via} holds a YAML {type(data).__name__}, not a mapping of "
+                          f"keys (e.g. 'MODEL:' ...)")
+    base = data.get("_BASE_")
+    if base:
+        if not isinstance(base, str):
+            raise ConfigError(f"Config file {config_file}: _BASE_ must be one file name, got {base!r}")
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(path), base)
+        if not base.startswith(("https://", "http://")):
+            _check_base_chain(base, (*chain, config_file))
 
 
 # Builders of pvt_d2 backbones, and those of them that put an FPN on top.
@@ -206,6 +242,11 @@ def validate_config(cfg: CN) -> CN:
     positive_int("MODEL.ROI_HEADS.NUM_CLASSES")
     positive_int("MODEL.RETINANET.NUM_CLASSES")
     positive_int("MODEL.FPN.OUT_CHANNELS")
+    if cfg.INPUT.FORMAT not in _INPUT_FORMATS:
+        bad("INPUT.FORMAT", f"use one of {', '.join(_INPUT_FORMATS)}")
+    channels = 1 if cfg.INPUT.FORMAT == "L" else 3
+    if len(cfg.MODEL.PIXEL_MEAN) != channels:
+        bad("MODEL.PIXEL_MEAN", f"INPUT.FORMAT {cfg.INPUT.FORMAT} has {channels} channel(s): give one value each")
     for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
         if len(_value(cfg, key)) != len(cfg.MODEL.PIXEL_MEAN) or not len(_value(cfg, key)):
             bad(key, "MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need one value per input channel")
@@ -221,6 +262,7 @@ def validate_config(cfg: CN) -> CN:
         out = list(cfg.MODEL.PVT_D2.OUT_FEATURES)
         if not out or len(set(out)) != len(out):
             bad("MODEL.PVT_D2.OUT_FEATURES", "it must list distinct levels, e.g. ['res2', 'res3', 'res4', 'res5']")
+        _validate_family_options(cfg, bad)
         if cfg.MODEL.BACKBONE.NAME in _PVT_D2_FPN_BUILDERS:
             missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in out]
             if missing or not cfg.MODEL.FPN.IN_FEATURES:
@@ -229,3 +271,33 @@ def validate_config(cfg: CN) -> CN:
                     f"{missing or 'no levels'} but MODEL.PVT_D2.OUT_FEATURES = {out!r}: the FPN can only use "
                     f"levels the backbone returns.")
     return cfg
+
+
+# Image formats detectron2's readers produce.
+_INPUT_FORMATS = ("BGR", "RGB", "L", "YUV-BT.601")
+
+
+def _validate_family_options(cfg: CN, bad) -> None:
+    """Options of ``MODEL.PVT_D2`` that the model would only reject when built: levels, freezing, family keys."""
+    from .modeling.backbone.registry import get_arch
+
+    family = get_arch(cfg.MODEL.PVT_D2.ARCH).family
+    levels = ["res2", "res3", "res4", "res5"] + (["res6"] if family == "levit" else [])
+    unknown = [f for f in cfg.MODEL.PVT_D2.OUT_FEATURES if f not in levels]
+    if unknown:
+        bad("MODEL.PVT_D2.OUT_FEATURES", f"{cfg.MODEL.PVT_D2.ARCH} has no level {', '.join(unknown)}; its levels "
+                                         f"are {', '.join(levels)}")
+    freeze = cfg.MODEL.BACKBONE.FREEZE_AT
+    if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze <= len(levels) + 1:
+        bad("MODEL.BACKBONE.FREEZE_AT", f"it must be 0 (train everything), 1 (freeze the stem) or 2-{len(levels) + 1}"
+                                        f" (also the stages up to res2-res{len(levels) + 1})")
+    if cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE not in ("window", "global"):
+        bad("MODEL.PVT_D2.LEVIT.ATTN_MODE", "use 'window' or 'global'")
+    if cfg.MODEL.PVT_D2.LEVIT.NORM not in ("FrozenBN", "BN", "SyncBN"):
+        bad("MODEL.PVT_D2.LEVIT.NORM", "use 'FrozenBN', 'BN' or 'SyncBN'")
+    if cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM not in (None, True, False):
+        bad("MODEL.PVT_D2.TWINS.EXTRA_NORM", "use None (the variant's default), True or False")
+    windows = list(cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES)
+    if windows and (len(windows) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                             for w in windows)):
+        bad("MODEL.PVT_D2.GCVIT.WINDOW_SIZES", "give [] (the ImageNet windows) or 4 positive integers, one per stage")

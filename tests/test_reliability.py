@@ -33,7 +33,7 @@ Config (``pvt_d2/config.py``: ``load_config`` -> ``validate_config``; train_net 
  23. unknown config key: ConfigError naming it
  24. unknown architecture (MODEL.PVT_D2.ARCH): ConfigError listing valid names
  25. FPN asking for a level missing from MODEL.PVT_D2.OUT_FEATURES: ConfigError; unknown level name:
-     ValueError from the backbone listing its levels
+     ConfigError at load time listing the architecture's levels (the backbone itself raises ValueError)
  26. zero / negative / out-of-range values (image sizes, batch, iterations, periods, lr, steps, pixel std,
      class counts, ...): ConfigError naming key and value
  27. YAML with Python object tags: refused, never executed (load_config and the train_net CLI)
@@ -471,13 +471,16 @@ def test_config_errors_name_the_problem():
         load_config(cfg_file, ["MODEL.PVT_D2.OUT_FEATURES", "['res3', 'res4', 'res5']"])
     with pytest.raises(ConfigError, match="distinct levels"):
         load_config(cfg_file, ["MODEL.PVT_D2.OUT_FEATURES", "['res2', 'res2', 'res3', 'res4', 'res5']"])
-    # an unknown level name reaches the backbone, which lists the levels it has
-    from detectron2.modeling import build_backbone
+    # an unknown level name is refused at load time, naming the architecture's levels (issue 13) ...
+    with pytest.raises(ConfigError, match=r"MODEL.PVT_D2.OUT_FEATURES = .*pvt_v2_b0 has no level res9; its levels "
+                                          r"are res2, res3, res4, res5"):
+        load_config(cfg_file, ["MODEL.PVT_D2.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5', 'res9']"])
+    # ... and the backbone itself (built from Python) lists the levels it has
+    from pvt_d2.modeling import create_backbone
 
-    cfg = load_config(cfg_file, ["MODEL.PVT_D2.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5', 'res9']"])
     with pytest.raises(ValueError, match=r"unknown out_features \['res9'\].*provides \['res2', 'res3', 'res4', "
                                          r"'res5'\]"):
-        build_backbone(cfg)
+        create_backbone("pvt_v2_b0", out_features=["res2", "res9"])
     # every shipped config passes validation, with the values the quick tests use
     assert load_config(cfg_file, ["SOLVER.BASE_LR", "1e30", "INPUT.MIN_SIZE_TEST", "0"]).SOLVER.BASE_LR == 1e30
 

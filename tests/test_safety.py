@@ -482,3 +482,42 @@ def test_small_dataset_of_unreadable_images_is_the_broken_dataset_message(tmp_pa
     loader = Trainer.build_train_loader(cfg)
     with pytest.raises(BadImageError, match="3 images in a row could not be read.*dataset looks broken"):
         next(iter(loader))
+
+
+# --------------------------------------------------------------------------- config at load time (73-84)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("MODEL.PVT_D2.LEVIT.ATTN_MODE", "local", "use 'window' or 'global'"),
+    ("MODEL.PVT_D2.LEVIT.NORM", "GN", "use 'FrozenBN', 'BN' or 'SyncBN'"),
+    ("MODEL.PVT_D2.GCVIT.WINDOW_SIZES", "[7, 7]", "4 positive integers"),
+    ("MODEL.PVT_D2.TWINS.EXTRA_NORM", "'yes'", "None .the variant's default., True or False"),
+    ("MODEL.PVT_D2.OUT_FEATURES", "['res2', 'res6']", "pvt_v2_b0 has no level res6; its levels are res2"),
+    ("MODEL.BACKBONE.FREEZE_AT", "99", "it must be 0 .train everything."),
+    ("INPUT.FORMAT", "RGBA", "use one of BGR, RGB, L"),
+    ("MODEL.PIXEL_MEAN", "[1.0, 2.0]", "INPUT.FORMAT RGB has 3 channel"),
+])
+def test_family_and_input_options_are_checked_at_load_time(key, value, words):
+    """73-80. family options, OUT_FEATURES against the architecture's levels, FREEZE_AT range, INPUT.FORMAT and
+    PIXEL_MEAN length: ConfigError at load time naming key and value."""
+    from pvt_d2.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=words) as e:
+        load_config(RETINANET, [key, value])
+    assert str(e.value).startswith(f"{key} = ")
+
+
+def test_base_chain_errors_are_config_errors(tmp_path):
+    """81. missing _BASE_; 82. _BASE_ cycle; 83. YAML whose top level is a list: ConfigError naming the file."""
+    from pvt_d2.config import ConfigError, load_config
+
+    (tmp_path / "missing.yaml").write_text("_BASE_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"_BASE_ file not found: .*nowhere.yaml \(via .*missing.yaml\)"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "a.yaml").write_text("_BASE_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_BASE_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"includes itself through _BASE_: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "list.yaml").write_text("- MODEL\n- SOLVER\n")
+    with pytest.raises(ConfigError, match=r"list.yaml holds a YAML list, not a mapping"):
+        load_config(str(tmp_path / "list.yaml"))
