@@ -122,7 +122,8 @@ class PyramidBackbone(Backbone):
                 f"{type(self).__name__}: image of {x.shape[-2]}x{x.shape[-1]} px is smaller than "
                 f"the minimum of {self._min_input_size} px per side")
         feats = self.forward_features(x, self._out_features)
-        outputs = {k: feats[k] for k in self._out_features}
+        # Families may keep maps channels-last internally; callers get plain NCHW tensors.
+        outputs = {k: feats[k].contiguous() for k in self._out_features}
         if self.output_norms is not None:
             outputs = {k: self.output_norms[k](v) for k, v in outputs.items()}
         return outputs

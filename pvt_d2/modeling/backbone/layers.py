@@ -4,8 +4,27 @@ Everything that more than one family needs lives here exactly once: padding to
 a multiple, window partition and its inverse, resizing of learned position
 embeddings, channels-first LayerNorm, and the spatial-reduction attention of
 PVT (also used by PVT v2 and Twins).
+
+Layout. Token sequences ``(B, H*W, C)`` and feature maps ``(B, C, H, W)`` are
+two views of the same memory when the map is *channels-last*:
+:func:`tokens_to_map` returns such a view and :func:`map_to_tokens` turns a
+channels-last map back into contiguous tokens, both without copying. Convs
+fed a channels-last map produce a channels-last map (oneDNN on the CPU, cuDNN
+on GPUs), so a stage can go tokens -> conv -> tokens with no layout copies.
+
+Memory. Large activations cost more to allocate (fresh pages) than to
+compute on; in inference (no autograd graph being recorded) the MLP's GELU
+and the residual additions therefore run in place (:func:`inference_inplace`),
+with bit-identical results.
+
+Export. Size-dependent steps (padding to a multiple, the small-grid padding of
+the spatial reduction, position-embedding resizing) take the general path
+while :func:`torch.jit.trace` or :func:`torch.export.export` records the
+model (:func:`is_tracing`): zero-width pads and same-size resizes are exact
+no-ops, and the recorded graph then follows the input size instead of baking
+in the branch taken at the example size.
 """
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,12 +32,16 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 __all__ = [
+    "is_tracing",
+    "inference_inplace",
+    "residual_add",
     "pad_to_multiple",
     "window_partition",
     "window_unpartition",
     "resize_pos_embed",
     "LayerNorm2d",
     "SpatialReductionAttention",
+    "Mlp",
     "PatchEmbed",
     "tokens_to_map",
     "map_to_tokens",
@@ -26,6 +49,30 @@ __all__ = [
     "CLASSIFIER_KEY_PREFIXES",
     "drop_classifier_keys",
 ]
+
+
+def is_tracing() -> bool:
+    """True while :func:`torch.jit.trace`, :func:`torch.export.export` or ``torch.compile`` records the model."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def inference_inplace(x: torch.Tensor) -> bool:
+    """Whether ``x`` may be overwritten by an in-place op: no autograd graph needs it and nothing is recorded."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and not is_tracing()
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, accumulated into the freshly computed ``branch`` in inference (no new allocation)."""
+    if inference_inplace(branch) and branch.shape == x.shape:
+        return branch.add_(x)
+    return x + branch
+
+
+def _clamp_min_zero(v):
+    """``max(v, 0)`` for a Python int, a ``SymInt`` (export) or a traced size (``jit.trace``, a 0-d tensor)."""
+    if isinstance(v, torch.Tensor):
+        return v.clamp(min=0)
+    return torch.sym_max(v, 0)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool = False) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -42,7 +89,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool = False)
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
     pad_h = (multiple - h % multiple) % multiple
     pad_w = (multiple - w % multiple) % multiple
-    if pad_h or pad_w:
+    if is_tracing() or pad_h or pad_w:
         if channels_last:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         else:
@@ -85,13 +132,18 @@ def window_unpartition(windows: torch.Tensor, window_size: int, hw: Tuple[int, i
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """``(B, H*W, C)`` tokens to a ``(B, C, H, W)`` map."""
+    """``(B, H*W, C)`` tokens to a ``(B, C, H, W)`` map.
+
+    For contiguous tokens the result is a channels-last view of the same
+    memory (no copy); call ``.contiguous()`` on it where a plain NCHW tensor
+    is required.
+    """
     b, _, c = x.shape
-    return x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+    return x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens."""
+    """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens (contiguous, without a copy, for a channels-last map)."""
     return x.flatten(2).transpose(1, 2)
 
 
@@ -107,16 +159,18 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_hw: Tuple[int, int], dst_hw: T
         mode: interpolation mode for :func:`torch.nn.functional.interpolate`.
 
     Returns:
-        ``(1, dst_h * dst_w, C)``; the input itself (minus prefix tokens) when the
-        grids already agree.
+        ``(1, dst_h * dst_w, C)`` (a strided view, ready to be added to tokens);
+        the input itself (minus prefix tokens) when the grids already agree.
+        While tracing / exporting it always resamples (an exact identity at
+        the same size), so the recorded graph follows the input size.
     """
     grid = pos_embed[:, num_prefix_tokens:]
-    if tuple(src_hw) == tuple(dst_hw):
+    if not is_tracing() and tuple(src_hw) == tuple(dst_hw):
         return grid
     c = grid.shape[-1]
     grid = grid.reshape(1, src_hw[0], src_hw[1], c).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=tuple(dst_hw), mode=mode, align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, dst_hw[0] * dst_hw[1], c)
+    grid = F.interpolate(grid, size=(dst_hw[0], dst_hw[1]), mode=mode, align_corners=False)
+    return map_to_tokens(grid)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -148,11 +202,17 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: dropout after the output projection.
         linear: use PVT v2's linear (pooling) reduction.
         pool_size: output side of the pooling in linear mode.
+        nchw_conv: run the reduction conv on a contiguous ``(B, C, H, W)`` copy
+            (the reference layout, bit-identical to it) instead of directly on
+            the channels-last view of the tokens (faster; float32 rounding
+            differs by ~1e-6).
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7,
+                 nchw_conv: bool = False):
         super().__init__()
+        self.nchw_conv = nchw_conv
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -186,8 +246,10 @@ class SpatialReductionAttention(nn.Module):
             return self.act(self.norm(map_to_tokens(self.sr(y))))
         if self.sr_ratio > 1:
             y = tokens_to_map(x, hw)
-            pad_h, pad_w = max(self.sr_ratio - hw[0], 0), max(self.sr_ratio - hw[1], 0)
-            if pad_h or pad_w:
+            if self.nchw_conv:
+                y = y.contiguous()
+            pad_h, pad_w = _clamp_min_zero(self.sr_ratio - hw[0]), _clamp_min_zero(self.sr_ratio - hw[1])
+            if is_tracing() or pad_h or pad_w:
                 y = F.pad(y, (0, pad_w, 0, pad_h))
             return self.norm(map_to_tokens(self.sr(y)))
         return x
@@ -216,20 +278,61 @@ class PatchEmbed(nn.Module):
         in_chans: input channels.
         dim: output channels.
         patch_size: side (and stride) of a patch.
+        nchw_conv: see :class:`SpatialReductionAttention`.
     """
 
-    def __init__(self, in_chans: int, dim: int, patch_size: int):
+    def __init__(self, in_chans: int, dim: int, patch_size: int, nchw_conv: bool = False):
         super().__init__()
         self.patch_size = patch_size
+        self.nchw_conv = nchw_conv
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """``(B, C, H, W)`` map to ``(B, N, dim)`` tokens and their grid size."""
+        if self.nchw_conv:
+            x = x.contiguous()
         x, _ = pad_to_multiple(x, self.patch_size)
         x = self.proj(x)
         hw = (x.shape[-2], x.shape[-1])
         return self.norm(map_to_tokens(x)), hw
+
+
+class Mlp(nn.Module):
+    """Token MLP: fc1, GELU, fc2; optionally PVT v2's 3x3 depthwise conv after fc1.
+
+    Key names (``fc1``, ``dwconv``, ``fc2``) are those of the official PVT /
+    Twins code and of timm. In inference the GELU runs in place on the hidden
+    activations, the largest tensor of the block.
+
+    Args:
+        dim: input and output channels.
+        hidden_dim: hidden channels.
+        dwconv: insert a 3x3 depthwise conv (with the token grid) after fc1.
+        extra_relu: a ReLU after fc1 (PVT v2 "li" variants).
+        drop: dropout after the activation and after fc2.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, dwconv: bool = False, extra_relu: bool = False, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim) if dwconv else None
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``(B, N, C)`` tokens (on grid ``hw``, needed with ``dwconv``) to ``(B, N, C)``."""
+        x = self.relu(self.fc1(x))
+        if self.dwconv is not None:
+            x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))  # channels-last: no layout copies
+        if inference_inplace(x) and x.is_contiguous():
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        x = self.drop(x)
+        return self.drop(self.fc2(x))
 
 
 def init_weights(m: nn.Module) -> None:

@@ -24,10 +24,10 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .base import PyramidBackbone
-from .layers import PatchEmbed, SpatialReductionAttention, init_weights, map_to_tokens, resize_pos_embed, tokens_to_map
+from .layers import Mlp, PatchEmbed, SpatialReductionAttention, init_weights, residual_add, resize_pos_embed, tokens_to_map
 from .registry import register_architectures
 
-__all__ = ["PVTBlock", "PyramidVisionTransformer", "drop_path_rates"]
+__all__ = ["Mlp", "PVTBlock", "PyramidVisionTransformer", "drop_path_rates"]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -40,34 +40,6 @@ def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[f
         out.append(rates[start:start + d])
         start += d
     return out
-
-
-class Mlp(nn.Module):
-    """Token MLP: fc1, GELU, fc2; optionally PVT v2's 3x3 depthwise conv after fc1.
-
-    Args:
-        dim: input and output channels.
-        hidden_dim: hidden channels.
-        dwconv: insert a 3x3 depthwise conv (with the token grid) after fc1.
-        extra_relu: a ReLU after fc1 (PVT v2 "li" variants).
-        drop: dropout after the activation and after fc2.
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, dwconv: bool = False, extra_relu: bool = False, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.relu = nn.ReLU() if extra_relu else nn.Identity()
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim) if dwconv else None
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = self.relu(self.fc1(x))
-        if self.dwconv is not None:
-            x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
 
 
 class PVTBlock(nn.Module):
@@ -94,8 +66,8 @@ class PVTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dwconv=dwconv, extra_relu=linear)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw))
-        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+        x = residual_add(x, self.drop_path(self.attn(self.norm1(x), hw)))
+        return residual_add(x, self.drop_path(self.mlp(self.norm2(x), hw)))
 
 
 class AbsolutePositionEmbedding(nn.Module):

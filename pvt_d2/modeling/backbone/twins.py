@@ -38,22 +38,25 @@ Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
 (``norm.*`` and ``head.*``, see :func:`drop_classifier_keys`) are removed.
 """
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import nn
 
 from .base import PyramidBackbone
 from .layers import (
     CLASSIFIER_KEY_PREFIXES,
     drop_classifier_keys,
+    Mlp,
     PatchEmbed,
     SpatialReductionAttention,
     init_weights,
     map_to_tokens,
     pad_to_multiple,
+    residual_add,
     tokens_to_map,
     window_partition,
     window_unpartition,
@@ -105,15 +108,31 @@ class LocallyGroupedAttention(nn.Module):
         ws, heads = self.window_size, self.num_heads
         grid, _ = pad_to_multiple(x.view(b, h, w, c), ws, channels_last=True)
         padded_hw = (grid.shape[1], grid.shape[2])
-        # (B, windows, ws*ws, C): keeping the image and window axes apart gives
-        # attention the same batch layout as the reference, hence identical sums.
+        # (B, windows, ws*ws, C): the image and window axes stay apart, the batch
+        # layout of the reference, so the attention products sum identically.
         windows = window_partition(grid, ws).reshape(b, -1, ws * ws, c)
         qkv = self.qkv(windows).reshape(b, windows.shape[1], ws * ws, 3, heads, c // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = self._attention(q, k, v)
         out = out.transpose(2, 3).reshape(-1, ws, ws, c)
         out = window_unpartition(out, ws, padded_hw)[:, :h, :w]
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
+
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention over the last two axes of 5-d inputs.
+
+        The same products as :func:`~torch.nn.functional.scaled_dot_product_attention`'s
+        reference ("math") kernel, which is what SDPA runs on 5-d inputs (bit
+        for bit, query and key each scaled by the root of the scale), without
+        its extra passes for fully masked rows: there is no mask here.
+        """
+        scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+        attn = (q * scale) @ (k.transpose(-2, -1) * scale)
+        attn = attn.softmax(dim=-1)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop)
+        return attn @ v
 
 
 class PositionEncodingGenerator(nn.Module):
@@ -129,7 +148,9 @@ class PositionEncodingGenerator(nn.Module):
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        feat = tokens_to_map(x, hw)
+        # A contiguous NCHW map, as in the reference: its depthwise conv then sums
+        # in the same order (the channels-last kernel rounds differently).
+        feat = tokens_to_map(x, hw).contiguous()
         return map_to_tokens(self.proj(feat) + feat)
 
 
@@ -155,18 +176,19 @@ class TwinsBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if window_size is None:
             self.attn = SpatialReductionAttention(
-                dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
+                dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop,
+                nchw_conv=True)
         else:
             self.attn = LocallyGroupedAttention(
                 dim, num_heads, window_size=window_size, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = residual_add(x, self.drop_path1(self.attn(self.norm1(x), hw)))
+        return residual_add(x, self.drop_path2(self.mlp(self.norm2(x))))
 
 
 class Twins(PyramidBackbone):
@@ -211,7 +233,8 @@ class Twins(PyramidBackbone):
         self.patch_embeds = nn.ModuleList()
         prev_dim = in_chans
         for i, dim in enumerate(embed_dims):
-            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2))
+            # The reference's NCHW patch convs keep the results bit-identical to it.
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2, nchw_conv=True))
             prev_dim = dim
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -282,7 +305,7 @@ class Twins(PyramidBackbone):
                     tokens = self.pos_block[i](tokens, hw)
             if self.norm_list is not None:
                 tokens = self.norm_list[i](tokens)
-            x = tokens_to_map(tokens, hw).contiguous()
+            x = tokens_to_map(tokens, hw)  # channels-last view: the next patch embedding's conv keeps it
             feats[f"res{i + 2}"] = x
         return feats
 
