@@ -56,6 +56,37 @@ Training (``pvt_d2/engine/trainer.py``, ``tools/train_net.py``)
  39. non-finite predictions (NaN features into the RPN): NonFiniteLossError
  40. two CPU processes (gloo): training and evaluation gathered across processes, metrics equal to a
      single-process evaluation of the same weights
+Safety (issue 13; asserted in ``tests/test_safety.py``)
+ 41. plain pickle naming any global but numpy arrays/dtypes, OrderedDict: "Refusing to load FILE: ... would
+     import or run Python code (MODULE.NAME)"; dicts, lists, numbers, strings, numpy arrays load
+ 42. detectron2 model-zoo .pkl (numpy arrays) loads through the safe reader; NaN in it refused
+ 43. marker pickle (.pkl, .pyth, legacy .pth) to the checkpointer, tools/demo.py, convert_pretrained.py: refused
+     naming the file, marker never created
+ 44. the same as MODEL.WEIGHTS of train_net, training and --eval-only: one ERROR, exit 2 (slow)
+ 45. weights of another architecture (strict: demo, --eval-only, resume): "holds a pvt_v2_b1 model but the
+     config builds pvt_v2_b0"; missing weights file: one ERROR line
+ 46. MODEL.PVT_D2.PRETRAINED / convert input with NaN/Inf: refused naming the tensor
+ 47. demo --output = input folder, inside it, or an input file: refused, photos unchanged (md5); existing
+     results kept unless --overwrite
+ 48. convert IN IN: refused, input unchanged (md5); existing output kept unless --force
+ 49. new run in the OUTPUT_DIR of a finished run (no --resume): refused naming its checkpoints, run unchanged
+     (md5); --resume / --overwrite offered
+ 50. a second run on an OUTPUT_DIR whose lock belongs to a live process: refused naming process and host
+ 51. a lock left by a killed run: taken over with a warning
+ 52. disk full (ENOSPC) while saving: "The disk is full ... The last good checkpoint is still ..."; files unchanged
+ 53. resume with another SOLVER.OPTIMIZER: refused naming both
+ 54. resume with SOLVER.MAX_ITER below the checkpoint's iteration: refused, says how to continue
+ 55. --eval-only with MODEL.WEIGHTS empty: refused (would evaluate a random model)
+ 56-68. annotation json empty, truncated, invalid, a list, without categories / images, image without height,
+     width 0, duplicate image ids, boxes as strings, Inf box, NaN / non-numeric polygon coordinates:
+     DatasetError naming the file and the field (e.g. "annotations[0].bbox")
+ 69. box-only annotations under MODEL.MASK_ON: DatasetError saying MODEL.MASK_ON False / RetinaNet / Faster R-CNN
+ 70. RLE masks with INPUT.MASK_FORMAT polygon: DatasetError saying INPUT.MASK_FORMAT bitmask
+ 71. polygons with fewer than 3 points: counted and reported in one warning
+ 72. a small dataset whose images are all unreadable: the broken-dataset BadImageError, not a ValueError
+ 73-80. LEVIT.ATTN_MODE, LEVIT.NORM, GCVIT.WINDOW_SIZES, TWINS.EXTRA_NORM, OUT_FEATURES outside the
+     architecture's levels, FREEZE_AT out of range, INPUT.FORMAT, PIXEL_MEAN length: ConfigError at load time
+ 81-83. missing _BASE_, _BASE_ cycle, YAML whose top level is a list: ConfigError naming the file
 """
 import contextlib
 import io
