@@ -50,6 +50,12 @@ Any input size (the rule)
       has the convolutions of the ImageNet model, so its weights always load.
     * Padding masks are computed once per grid size (a small per-stage cache);
       relative position indices are fixed buffers.
+    * Export: while :func:`torch.jit.trace` / :func:`torch.export.export`
+      records the model, the caches are bypassed (the resized bias table and
+      the padding mask are computed in the graph), the window padding and the
+      resize of the global queries always run (exact no-ops when not needed)
+      and the window counts are spelled out in the reshapes, so a TorchScript
+      trace follows any input size.
 
 Module and parameter names mirror timm's ``gcvit_*`` models: a timm state
 dict loads with ``load_state_dict(strict=True)`` after dropping ``head.*``.
@@ -79,8 +85,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, SEModule, calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
-from .base import PyramidBackbone
-from .layers import LayerNorm2d, pad_to_multiple, window_partition, window_unpartition
+from .base import PyramidBackbone, checkpoint_block
+from .layers import LayerNorm2d, is_tracing, pad_to_multiple, window_partition
 from .registry import register_architectures
 
 __all__ = [
@@ -198,7 +204,7 @@ class GlobalQueryGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` map to ``(B, window_size**2, C)`` query tokens."""
         q = self.blocks(x)
-        if q.shape[-2:] != (self.window_size, self.window_size):
+        if is_tracing() or q.shape[-2:] != (self.window_size, self.window_size):  # same size: exact identity
             q = F.interpolate(q, size=(self.window_size, self.window_size), mode="bicubic", align_corners=False)
         return q.flatten(2).transpose(1, 2)
 
@@ -276,6 +282,8 @@ class RelativePositionBias(nn.Module):
         table = self.relative_position_bias_table
         if self.window_size == self.pretrain_window_size:
             return table
+        if is_tracing():  # recorded into the graph: a cache keyed on storage cannot be followed
+            return self._resize(table)
         if torch.is_grad_enabled() and table.requires_grad:
             self._cache_key = self._cache = None
             return self._resize(table)
@@ -381,6 +389,8 @@ class GCViTBlock(nn.Module):
         drop_path: stochastic depth rate.
     """
 
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
+
     def __init__(self, dim: int, num_heads: int, window_size: int, pretrain_window_size: int, use_global: bool,
                  mlp_ratio: float = 3.0, qkv_bias: bool = True, layer_scale: Optional[float] = None,
                  drop_path: float = 0.0):
@@ -397,13 +407,15 @@ class GCViTBlock(nn.Module):
 
     def _attention(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
                    key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        # Window counts spelled out (no -1 in the reshapes) so that torch.export follows any size.
         b, h, w, c = x.shape
         ws = self.window_size
-        x, _ = pad_to_multiple(x, ws, channels_last=True)
-        hp, wp = x.shape[1], x.shape[2]
-        windows = window_partition(x, ws).reshape(b, -1, ws * ws, c)
+        nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
+        if is_tracing() or nh * ws != h or nw * ws != w:
+            x = F.pad(x, (0, 0, 0, nw * ws - w, 0, nh * ws - h))
+        windows = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * nw, ws * ws, c)
         windows = self.attn(windows, q_global, key_padding)
-        x = window_unpartition(windows.reshape(-1, ws, ws, c), ws, (hp, wp))
+        x = windows.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, nw * ws, c)
         return x[:, :h, :w]
 
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
@@ -460,6 +472,10 @@ class GCViTStage(nn.Module):
         """
         if not self.mask_padding:
             return None
+        if is_tracing():  # no cache, and a mask even without padding, so the graph follows the size
+            valid, _ = pad_to_multiple(torch.ones(1, hw[0], hw[1], 1, dtype=torch.bool, device=device),
+                                       self.window_size, channels_last=True)
+            return ~window_partition(valid, self.window_size).reshape(-1, self.window_size ** 2)
         key = (hw[0], hw[1], device)
         if key in self._mask_cache:
             self._mask_cache.move_to_end(key)
@@ -485,7 +501,7 @@ class GCViTStage(nn.Module):
         key_padding = self.key_padding_mask((x.shape[-2], x.shape[-1]), x.device)
         x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
-            x = blk(x, q_global, key_padding)
+            x = checkpoint_block(blk, x, q_global, key_padding)
         return self.norm(x).permute(0, 3, 1, 2).contiguous()
 
 

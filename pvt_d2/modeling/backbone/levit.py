@@ -36,7 +36,11 @@ in one of two ways (``attn_mode``):
 On the pretraining grid (224 input) both modes are the classifier exactly.
 The per-grid offset indices are built once per grid, device and layer
 geometry (:func:`tile_geometry`, an LRU cache keyed by the grid); each forward
-only gathers the current bias values with them.
+only gathers the current bias values with them. While :func:`torch.jit.trace`
+or :func:`torch.export.export` records the model the cache is bypassed: the
+indices are built with tensor ops from the symbolic / traced sizes
+(:func:`build_tile_geometry`), the key mask is always applied and the tile
+shapes are spelled out, so a TorchScript trace follows any input size.
 
 BatchNorm: ``norm="FrozenBN"`` (default, detection) fixes the statistics and
 affine parameters, ``"BN"`` keeps plain BatchNorm, ``"SyncBN"`` synchronizes
@@ -55,8 +59,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from timm.layers import DropPath
 from torch import nn
 
-from .base import PyramidBackbone
-from .layers import pad_to_multiple, window_partition, window_unpartition
+from .base import PyramidBackbone, checkpoint_block
+from .layers import is_tracing
 from .registry import register_architectures
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "convert_batchnorm",
     "TileGeometry",
     "tile_geometry",
+    "build_tile_geometry",
     "LevitAttention",
     "ShrinkAttention",
     "LevitBackbone",
@@ -215,60 +220,87 @@ class TileGeometry:
         return self.tiles[0] * self.tiles[1]
 
 
-def _axis_layout(length: int, table: int, stride: int, windowed: bool, device: torch.device):
+def _ceil_div(a, b: int):
+    """``ceil(a / b)`` for a Python int, a ``SymInt`` (export) or a traced size (a 0-d tensor)."""
+    return (a + b - 1) // b
+
+
+def _axis_layout(length, table: int, stride: int, windowed: bool, device: torch.device):
     """Geometry along one axis of ``length`` keys; see :class:`TileGeometry`.
 
-    Queries sit at key positions ``0, stride, 2 * stride, ...``. Returns
-    ``(num_tiles, span, slots, query_tile, query_slot, offsets, key_valid)``,
-    ``key_valid`` being ``None`` when no key is padding.
+    Queries sit at key positions ``0, stride, 2 * stride, ...``. Everything is
+    computed with tensor ops from ``length`` (an int, a ``SymInt`` under
+    :func:`torch.export.export` or a traced size under :func:`torch.jit.trace`),
+    so a recorded graph rebuilds the geometry of every input size. Returns
+    ``(num_tiles, span, slots, query_tile, query_slot, offsets, key_valid, slot_query)``:
+    ``key_valid`` ``(tiles, span)`` is True on real keys (None in global mode),
+    ``slot_query`` ``(tiles, slots)`` the query index of each slot (0 on empty slots).
     """
-    query_pos = torch.arange(0, length, stride, device=device)
-    keys = torch.arange(length if not windowed else table, device=device)
+    num_queries = _ceil_div(length, stride)
+    query_pos = torch.arange(num_queries, device=device) * stride
     if not windowed:
-        offsets = (query_pos[:, None] - keys[None, :]).abs().clamp_(max=table - 1)
-        tile = torch.zeros_like(query_pos)
-        return 1, length, len(query_pos), tile, torch.arange(len(query_pos), device=device), offsets[None], None
-    num_tiles = math.ceil(length / table)
-    slots = math.ceil(table / stride)
-    tile = torch.div(query_pos, table, rounding_mode="floor")
-    first_query = torch.div(tile * table + stride - 1, stride, rounding_mode="floor")
-    slot = torch.arange(len(query_pos), device=device) - first_query
-    local = torch.zeros(num_tiles, slots, dtype=torch.long, device=device)
-    local[tile, slot] = query_pos - tile * table
-    offsets = (local[:, :, None] - keys[None, None, :]).abs()
+        keys = torch.arange(length, device=device)
+        offsets = (query_pos[:, None] - keys[None, :]).abs().clamp(max=table - 1)
+        slot = torch.arange(num_queries, device=device)
+        return 1, length, num_queries, torch.zeros_like(slot), slot, offsets[None], None, slot[None]
+    num_tiles = _ceil_div(length, table)
+    slots = -(-table // stride)
+    tile_start = torch.arange(num_tiles, device=device)[:, None] * table
+    # A tile's first query sits at the first multiple of the stride inside it.
+    local = (-tile_start) % stride + torch.arange(slots, device=device)[None, :] * stride
+    in_tile = local < table
+    slot_query = torch.where(in_tile & (tile_start + local < length),
+                             torch.div(tile_start + local, stride, rounding_mode="floor"), 0)
+    keys = torch.arange(table, device=device)
+    offsets = (torch.where(in_tile, local, 0)[:, :, None] - keys[None, None, :]).abs()
     if table % stride == 0:  # every tile has the same query layout
         offsets = offsets[:1]
-    key_valid = torch.arange(num_tiles * table, device=device).view(num_tiles, table) < length
-    return num_tiles, table, slots, tile, slot, offsets, (None if bool(key_valid.all()) else key_valid)
+    key_valid = tile_start + keys[None, :] < length
+    query_tile = torch.div(query_pos, table, rounding_mode="floor")
+    query_slot = torch.div(query_pos - query_tile * table, stride, rounding_mode="floor")
+    return num_tiles, table, slots, query_tile, query_slot, offsets, key_valid, slot_query
+
+
+def build_tile_geometry(grid, table: int, stride: int, windowed: bool, device: torch.device,
+                        always_mask: bool = False) -> TileGeometry:
+    """The :class:`TileGeometry` of a layer on a ``grid`` of keys (uncached; see :func:`tile_geometry`).
+
+    Args:
+        grid: key map size ``(H, W)``: ints, or the symbolic / traced sizes
+            seen while exporting or tracing.
+        table: side ``R`` of the learned bias table (the pretraining grid).
+        stride: 1 for self-attention, 2 for shrink attention.
+        windowed: ``R x R`` tiles (window mode) or the whole map (global mode).
+        device: where the index tensors live.
+        always_mask: build the key mask even when no key is padding (an
+            all-zero mask), so that a recorded graph does not depend on
+            whether the example input needed padding.
+    """
+    ty, sy, qy, tile_y, slot_y, off_y, valid_y, src_y = _axis_layout(grid[0], table, stride, windowed, device)
+    tx, sx, qx, tile_x, slot_x, off_x, valid_x, src_x = _axis_layout(grid[1], table, stride, windowed, device)
+    key_mask = None
+    if windowed and (always_mask or not bool(valid_y.all() & valid_x.all())):
+        valid = (valid_y[:, None, :, None] & valid_x[None, :, None, :]).reshape(ty * tx, 1, 1, sy * sx)
+        key_mask = torch.zeros(valid.shape, device=device).masked_fill(~valid, float("-inf"))
+    slot_source = query_slot = None
+    if windowed and stride > 1:
+        tile = tile_y[:, None] * tx + tile_x[None, :]
+        query_slot = ((tile * qy + slot_y[:, None]) * qx + slot_x[None, :]).flatten()
+        queries_per_row = _ceil_div(grid[1], stride)
+        slot_source = (src_y[:, None, :, None] * queries_per_row + src_x[None, :, None, :]).flatten()
+    return TileGeometry((ty, tx), (sy, sx), (qy, qx), off_y, off_x, key_mask, slot_source, query_slot)
 
 
 @functools.lru_cache(maxsize=256)
 def tile_geometry(grid: Tuple[int, int], table: int, stride: int, windowed: bool,
                   device: torch.device) -> TileGeometry:
-    """The (cached) :class:`TileGeometry` of a layer on a ``grid`` of keys.
+    """The cached :class:`TileGeometry` of a layer on a ``grid`` of keys (eager mode).
 
-    Args:
-        grid: key map size ``(H, W)``.
-        table: side ``R`` of the learned bias table (the pretraining grid).
-        stride: 1 for self-attention, 2 for shrink attention.
-        windowed: ``R x R`` tiles (window mode) or the whole map (global mode).
-        device: where the index tensors live.
+    Built once per grid, table, stride, mode and device by
+    :func:`build_tile_geometry`; tracing and exporting bypass the cache (see
+    :meth:`_OffsetBiasAttention.geometry`).
     """
-    ty, sy, qy, tile_y, slot_y, off_y, valid_y = _axis_layout(grid[0], table, stride, windowed, device)
-    tx, sx, qx, tile_x, slot_x, off_x, valid_x = _axis_layout(grid[1], table, stride, windowed, device)
-    key_mask = None
-    if valid_y is not None or valid_x is not None:
-        vy = valid_y if valid_y is not None else torch.ones(ty, sy, dtype=torch.bool, device=device)
-        vx = valid_x if valid_x is not None else torch.ones(tx, sx, dtype=torch.bool, device=device)
-        valid = (vy[:, None, :, None] & vx[None, :, None, :]).reshape(ty * tx, 1, 1, sy * sx)
-        key_mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))
-    slot_source = query_slot = None
-    if windowed and stride > 1:
-        tile = tile_y[:, None] * tx + tile_x[None, :]
-        query_slot = ((tile * qy + slot_y[:, None]) * qx + slot_x[None, :]).flatten()
-        slot_source = torch.zeros(ty * tx * qy * qx, dtype=torch.long, device=device)
-        slot_source[query_slot] = torch.arange(len(query_slot), device=device)
-    return TileGeometry((ty, tx), (sy, sx), (qy, qx), off_y, off_x, key_mask, slot_source, query_slot)
+    return build_tile_geometry(grid, table, stride, windowed, device)
 
 
 # ---------------------------------------------------------------------------
@@ -298,8 +330,11 @@ class _OffsetBiasAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
 
     def geometry(self, grid: Tuple[int, int], device: torch.device) -> TileGeometry:
-        """The cached geometry of this layer on a key ``grid``."""
-        return tile_geometry(tuple(grid), self.table_size, self.stride, self.attn_mode == "window", device)
+        """The geometry of this layer on a key ``grid``: cached in eager mode, rebuilt in the graph when recording."""
+        windowed = self.attn_mode == "window"
+        if is_tracing():
+            return build_tile_geometry(grid, self.table_size, self.stride, windowed, device, always_mask=True)
+        return tile_geometry((int(grid[0]), int(grid[1])), self.table_size, self.stride, windowed, device)
 
     def attention_mask(self, geo: TileGeometry) -> torch.Tensor:
         """Additive mask ``(tiles or 1, heads, queries, keys)``: biases plus key padding."""
@@ -313,20 +348,27 @@ class _OffsetBiasAttention(nn.Module):
         return bias
 
     def to_tiles(self, x: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
-        """``(B, H, W, C)`` map to ``(B, tiles, keys per tile, C)``, padded in window mode."""
+        """``(B, H, W, C)`` map to ``(B, tiles, keys per tile, C)``, padded in window mode.
+
+        Shapes are spelled out from the tile counts of ``geo`` (no ``-1``), so
+        :func:`torch.export.export` follows them symbolically for any size.
+        """
         b, h, w, c = x.shape
         if self.attn_mode == "global":
             return x.reshape(b, 1, h * w, c)
-        x, _ = pad_to_multiple(x, self.table_size, channels_last=True)
-        return window_partition(x, self.table_size).reshape(b, geo.num_tiles, -1, c)
+        r, (ty, tx) = self.table_size, geo.tiles
+        if is_tracing() or ty * r != h or tx * r != w:
+            x = F.pad(x, (0, 0, 0, tx * r - w, 0, ty * r - h))
+        x = x.view(b, ty, r, tx, r, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, ty * tx, r * r, c)
 
     def from_tiles(self, x: torch.Tensor, geo: TileGeometry, hw: Tuple[int, int]) -> torch.Tensor:
         """Inverse of :meth:`to_tiles`, cropping the padding."""
         b, c, r = x.shape[0], x.shape[-1], self.table_size
         if self.attn_mode == "global":
             return x.reshape(b, hw[0], hw[1], c)
-        padded = (geo.tiles[0] * r, geo.tiles[1] * r)
-        x = window_unpartition(x.reshape(-1, r, r, c), r, padded)
+        ty, tx = geo.tiles
+        x = x.reshape(b, ty, tx, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ty * r, tx * r, c)
         return x[:, :hw[0], :hw[1]]
 
     def split_heads(self, x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
@@ -448,6 +490,8 @@ class LevitMlp(nn.Module):
 class LevitBlock(nn.Module):
     """Residual attention then residual MLP on a ``(B, H, W, C)`` map."""
 
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
+
     def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, mlp_ratio: float,
                  table_size: int, attn_mode: str, drop_path: float = 0.0):
         super().__init__()
@@ -463,6 +507,8 @@ class LevitBlock(nn.Module):
 
 class ShrinkBlock(nn.Module):
     """Shrink attention (no residual: the shape changes) then a residual MLP."""
+
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
 
     def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float,
                  mlp_ratio: float, table_size: int, attn_mode: str, drop_path: float = 0.0):
@@ -486,7 +532,10 @@ class LevitStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = checkpoint_block(self.downsample, x)
+        for blk in self.blocks:
+            x = checkpoint_block(blk, x)
+        return x
 
 
 class LevitStem(nn.Sequential):

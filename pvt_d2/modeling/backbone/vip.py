@@ -30,7 +30,10 @@ computed with the leading rows/columns of the weight instead of materializing
 the padding (same result, less work). At the native grid there is a
 single window and no padding, so the block is the original one; the
 split-attention weights use a mean over the real positions only, which does
-not depend on the size either.
+not depend on the size either. While :func:`torch.jit.trace` or
+:func:`torch.export.export` records the model, the mixing takes the padded
+form instead (pad, mix every window, crop with an index), whose shapes follow
+the input size, so a TorchScript trace works at any size.
 
 Exact strides 4, 8, 16, 32 -- input resampling and a simple feature pyramid.
 The native patch strides are 7 (``vip_*7``) and 14 (``vip_s14``). The image
@@ -68,8 +71,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from .base import PyramidBackbone
-from .layers import CLASSIFIER_KEY_PREFIXES, LayerNorm2d, drop_classifier_keys, init_weights, pad_to_multiple
+from .base import PyramidBackbone, checkpoint_block
+from .layers import (
+    CLASSIFIER_KEY_PREFIXES,
+    LayerNorm2d,
+    drop_classifier_keys,
+    init_weights,
+    is_tracing,
+    pad_to_multiple,
+)
 from .registry import register_architectures
 
 __all__ = [
@@ -87,22 +97,24 @@ __all__ = [
 
 
 
-def _mix_windows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+def _mix_windows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
+                 num_windows=None) -> torch.Tensor:
     """Mix ``(B, R, N, C)`` along ``N`` in windows of ``win = weight.shape[1] / (C / groups)`` positions.
 
-    ``N`` must be a multiple of ``win``. The channels are read as ``groups``
-    groups of ``S = C / groups``; within a window, the ``win x S`` values of a
-    group (position-major, as in the official code) are mapped by ``weight``.
+    ``N`` must be a multiple of ``win`` (``num_windows`` of them, computed
+    from ``N`` when not given). The channels are read as ``groups`` groups of
+    ``S = C / groups``; within a window, the ``win x S`` values of a group
+    (position-major, as in the official code) are mapped by ``weight``.
     """
     b, r, n, c = x.shape
     seg = c // groups
     win = weight.shape[1] // seg
-    num_windows = n // win
+    num_windows = n // win if num_windows is None else num_windows
     # (B, R, windows, position, group, S) -> (B, R, windows, group, position * S)
     x = x.reshape(b, r, num_windows, win, groups, seg).transpose(3, 4)
     x = F.linear(x.reshape(b, r, num_windows, groups, win * seg), weight, bias)
     x = x.reshape(b, r, num_windows, groups, win, seg).transpose(3, 4)
-    return x.reshape(b, r, n, c)
+    return x.reshape(b, r, num_windows * win, c)
 
 
 def mix_in_windows(x: torch.Tensor, proj: nn.Linear, length: int) -> torch.Tensor:
@@ -128,6 +140,12 @@ def mix_in_windows(x: torch.Tensor, proj: nn.Linear, length: int) -> torch.Tenso
         ``(B, R, N, C)``.
     """
     n, c = x.shape[2], x.shape[3]
+    if is_tracing():
+        # Recorded graphs take the padded form, whose shapes follow any size.
+        windows = (n + length - 1) // length
+        x = F.pad(x, (0, 0, 0, windows * length - n))
+        out = _mix_windows(x, proj.weight, proj.bias, length, windows)
+        return out.index_select(2, torch.arange(n, device=x.device))  # a crop whose size export can follow
     full = n - n % length
     parts = []
     if full:
@@ -195,6 +213,8 @@ class PermutatorBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.skip_lam = skip_lam
+
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
@@ -374,7 +394,11 @@ class VisionPermutator(PyramidBackbone):
         for pos, module in enumerate(self.network):
             if len(outputs) == num_stages:
                 break
-            x = module(x)
+            if pos in self._stage_positions:  # a stage: its blocks, each maybe checkpointed
+                for blk in module:
+                    x = checkpoint_block(blk, x)
+            else:
+                x = module(x)
             if pos in self._stage_positions:
                 outputs.append(x)
         return outputs
