@@ -80,6 +80,12 @@ case "$d2_origin" in
     touch "$SITE/detectron2/.pvt_d2_managed" ;;
 esac
 
+# Optional ONNX export check (about 40 MB of wheels); PVT_D2_NO_ONNX=1 skips it.
+if [ -z "${PVT_D2_NO_ONNX:-}" ]; then
+  echo "[install] onnx, onnxscript, onnxruntime (tools/export_model.py --format onnx)"
+  pip_install onnx onnxscript onnxruntime
+fi
+
 echo "[install] pvt_d2 (editable)"
 pip_install --no-deps --no-build-isolation -e .
 

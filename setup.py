@@ -8,5 +8,7 @@ setup(
     packages=find_packages(include=["pvt_d2", "pvt_d2.*"]),
     python_requires=">=3.9",
     install_requires=["timm>=1.0", "safetensors", "fvcore", "pycocotools", "opencv-python-headless"],
+    # tools/export_model.py --format onnx (onnxscript: torch.onnx; onnxruntime: runs the check)
+    extras_require={"onnx": ["onnx", "onnxscript", "onnxruntime"]},
     include_package_data=True,
 )
