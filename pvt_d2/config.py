@@ -242,6 +242,14 @@ def validate_config(cfg: CN) -> CN:
     positive_int("MODEL.ROI_HEADS.NUM_CLASSES")
     positive_int("MODEL.RETINANET.NUM_CLASSES")
     positive_int("MODEL.FPN.OUT_CHANNELS")
+    if cfg.MODEL.ROI_HEADS.NAME == "PaperCascadeROIHeads":
+        cascade = cfg.MODEL.ROI_BOX_CASCADE_HEAD
+        if not len(cascade.IOUS) == len(cascade.BBOX_REG_WEIGHTS) == len(cascade.STAGE_LOSS_WEIGHTS) > 0:
+            bad("MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS",
+                f"give one value per cascade stage, as IOUS ({len(cascade.IOUS)}) and BBOX_REG_WEIGHTS "
+                f"({len(cascade.BBOX_REG_WEIGHTS)})")
+        if cascade.IOUS[0] != cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0]:
+            bad("MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "the first stage's IoU must equal MODEL.ROI_HEADS.IOU_THRESHOLDS[0]")
     if cfg.INPUT.FORMAT not in _INPUT_FORMATS:
         bad("INPUT.FORMAT", f"use one of {', '.join(_INPUT_FORMATS)}")
     channels = 1 if cfg.INPUT.FORMAT == "L" else 3
