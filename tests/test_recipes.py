@@ -393,3 +393,12 @@ def test_parameters_match_the_papers():
         assert abs(comparable - paper) / paper <= 0.015, (name, ours / 1e6, paper)
         if not name.startswith(("retinanet_twins", "mask_rcnn_twins")):
             assert twins_classifier_params(arch) == 0
+
+
+def test_cascade_stage_settings_are_validated():
+    from pvt_d2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="STAGE_LOSS_WEIGHTS .* one value per cascade stage"):
+        _cfg("cascade_mask_rcnn_pvt_v2_b0_3x.yaml", "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "(1.0, 0.5)")
+    with pytest.raises(ConfigError, match="MODEL.ROI_BOX_CASCADE_HEAD.IOUS"):
+        _cfg("cascade_mask_rcnn_pvt_v2_b0_3x.yaml", "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.4, 0.6, 0.7)")
