@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
@@ -402,3 +402,24 @@ def test_cascade_stage_settings_are_validated():
         _cfg("cascade_mask_rcnn_pvt_v2_b0_3x.yaml", "MODEL.ROI_BOX_CASCADE_HEAD.STAGE_LOSS_WEIGHTS", "(1.0, 0.5)")
     with pytest.raises(ConfigError, match="MODEL.ROI_BOX_CASCADE_HEAD.IOUS"):
         _cfg("cascade_mask_rcnn_pvt_v2_b0_3x.yaml", "MODEL.ROI_BOX_CASCADE_HEAD.IOUS", "(0.4, 0.6, 0.7)")
+
+
+def test_cascade_resamples_every_stage_with_the_ground_truth(tiny_cascade):
+    """Each stage: input ground-truth boxes dropped, ground truth added again, matched at its IoU, sub-sampled."""
+    from detectron2.utils.events import EventStorage
+
+    heads = tiny_cascade.roi_heads
+    target = Instances((64, 64))
+    target.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 30.0, 60.0, 60.0]]))
+    target.gt_classes = torch.tensor([1, 2])
+    target.gt_masks = BitMasks(torch.ones(2, 64, 64, dtype=torch.bool))
+    boxes = Boxes(torch.tensor([[5.0, 4.0, 30.0, 31.0], [4.0, 4.0, 24.0, 24.0], [40.0, 0.0, 60.0, 20.0]] * 20))
+    with EventStorage():
+        sample = heads._sample_stage([boxes], [target], 2)[0]  # IoU 0.7
+    assert len(sample) <= heads.batch_size_per_image and sample.is_gt.sum() == 2
+    fg = sample.gt_classes < heads.num_classes
+    iou = torch.diag(pairwise_iou(sample.proposal_boxes[fg], sample.gt_boxes[fg]))
+    assert (iou >= 0.7).all() and fg.sum() >= 2
+    assert int(fg.sum()) <= int(heads.batch_size_per_image * heads.positive_fraction)
+    assert len(sample.gt_masks) == len(sample)
+

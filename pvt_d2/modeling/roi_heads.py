@@ -25,10 +25,11 @@ both mmdetection ``CascadeRoIHead``) differs from detectron2's stock
    mask probabilities (sigmoids) are averaged.
 5. Test-time class scores: the stages' logits are averaged, then the softmax
    is taken (detectron2 averages the probabilities).
-
-Not reproduced: mmdetection re-samples 512 boxes per image at every stage and
-adds the ground-truth boxes again; here (as in detectron2) the later stages
-see the refined boxes of the first stage's sample.
+6. Training samples per stage: every stage drops the ground-truth boxes it
+   was given, refines the others, adds the ground-truth boxes again, matches
+   at its own IoU and samples ``ROI_HEADS.BATCH_SIZE_PER_IMAGE`` boxes with
+   ``POSITIVE_FRACTION`` positives (mmdetection's per-stage assigner and
+   sampler); detectron2 re-matches the first stage's whole sample instead.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -155,7 +156,7 @@ class PaperCascadeROIHeads(CascadeROIHeads):
         if not self.training:
             instances = self._forward_box(features, proposals)
             return self.forward_with_given_boxes(features, instances), {}
-        proposals = self.label_and_sample_proposals(proposals, targets)
+        proposals = self._sample_stage([p.proposal_boxes for p in proposals], targets, 0)
         losses, stage_proposals = self._forward_box(features, proposals, targets)
         losses.update(self._mask_losses(features, stage_proposals))
         losses.update(self._forward_keypoint(features, proposals))
@@ -180,9 +181,11 @@ class PaperCascadeROIHeads(CascadeROIHeads):
         boxes = None
         for k in range(self.num_cascade_stages):
             if k > 0:
+                if self.training:  # the ground-truth boxes come back in the new sample, not refined
+                    boxes = [b[~p.is_gt] for b, p in zip(boxes, proposals)]
                 proposals = self._create_proposals_from_boxes(boxes, image_sizes)
                 if self.training:
-                    proposals = self._match_and_label_boxes(proposals, k, targets)
+                    proposals = self._sample_stage([p.proposal_boxes for p in proposals], targets, k)
             predictions = self._run_stage(features, proposals, k)
             stages.append((predictions, proposals))
             if k + 1 < self.num_cascade_stages:
@@ -221,28 +224,36 @@ class PaperCascadeROIHeads(CascadeROIHeads):
         return refined
 
     @torch.no_grad()
-    def _match_and_label_boxes(self, proposals, stage, targets):
-        """Match a later stage's boxes to the ground truth at that stage's IoU, with all ``gt_*`` fields.
+    def _sample_stage(self, boxes: List[Boxes], targets: List[Instances], stage: int) -> List[Instances]:
+        """A stage's training sample: boxes + ground truth, matched at the stage's IoU, then sub-sampled.
 
-        As detectron2's method, and the matched ``gt_masks`` (or any other
-        ``gt_*`` field) are attached too, so that the stage's mask head can
-        be trained on its own positive boxes.
+        Returns one ``Instances`` per image with ``proposal_boxes``, ``gt_classes``
+        (``num_classes`` = background), the matched ``gt_*`` fields (boxes, masks, ...)
+        and ``is_gt`` (the box is a ground-truth box added here).
         """
-        num_fg = []
-        for proposals_i, targets_i in zip(proposals, targets):
-            iou = pairwise_iou(targets_i.gt_boxes, proposals_i.proposal_boxes)
-            matched, labels = self.proposal_matchers[stage](iou)
+        sampled, num_fg = [], []
+        for boxes_i, targets_i in zip(boxes, targets):
+            is_gt = torch.zeros(len(boxes_i), dtype=torch.bool, device=boxes_i.device)
+            if self.proposal_append_gt and len(targets_i) > 0:
+                boxes_i = Boxes.cat([boxes_i, targets_i.gt_boxes])
+                is_gt = torch.cat([is_gt, torch.ones(len(targets_i), dtype=torch.bool, device=is_gt.device)])
+            matched, labels = self.proposal_matchers[stage](pairwise_iou(targets_i.gt_boxes, boxes_i))
+            keep, gt_classes = self._sample_proposals(matched, labels, targets_i.gt_classes)
+            sample = Instances(targets_i.image_size)
+            sample.proposal_boxes = boxes_i[keep]
+            sample.is_gt = is_gt[keep]
+            sample.gt_classes = gt_classes
             if len(targets_i) > 0:
                 for name, value in targets_i.get_fields().items():
-                    if name.startswith("gt_"):
-                        proposals_i.set(name, value[matched])
-                proposals_i.gt_classes[labels == 0] = self.num_classes
-            else:
-                proposals_i.gt_classes = torch.full_like(matched, self.num_classes)
-                proposals_i.gt_boxes = Boxes(targets_i.gt_boxes.tensor.new_zeros((len(proposals_i), 4)))
-            num_fg.append(int((labels == 1).sum()))
-        get_event_storage().put_scalar(f"stage{stage}/roi_head/num_fg_samples", sum(num_fg) / max(len(num_fg), 1))
-        return proposals
+                    if name.startswith("gt_") and name != "gt_classes":
+                        sample.set(name, value[matched[keep]])
+            num_fg.append(int((gt_classes < self.num_classes).sum()))
+            sampled.append(sample)
+        storage = get_event_storage()
+        storage.put_scalar(f"stage{stage}/roi_head/num_fg_samples", sum(num_fg) / max(len(num_fg), 1))
+        storage.put_scalar(f"stage{stage}/roi_head/num_bg_samples",
+                           sum(len(s) for s in sampled) / max(len(sampled), 1) - sum(num_fg) / max(len(num_fg), 1))
+        return sampled
 
     def _mask_losses(self, features: Dict[str, torch.Tensor], stage_proposals: List[List[Instances]]):
         """Each stage's mask head trained on that stage's positive boxes, weighted like its box losses."""
