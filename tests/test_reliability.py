@@ -118,6 +118,7 @@ TINY_RETINANET = [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0", "SEED", "7",
+    "MODEL.PVT_D2.PRETRAINED", "",  # offline and from scratch: the configs name ImageNet checkpoints
 ]
 
 
