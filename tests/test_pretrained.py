@@ -477,7 +477,7 @@ def test_convert_tool_flags_and_nested_key(tmp_path):
     k = "stages.1.blocks.0.attn.attention_biases"
     assert torch.equal(saved["model"][k], native[k] + 1)
     # forcing the wrong layout is refused: the keys do not map
-    assert convert_main([path, str(tmp_path / "bad.pth"), "--layout", "timm"]) == 1
+    assert convert_main([path, str(tmp_path / "bad.pth"), "--layout", "timm"]) == 2
     assert not os.path.exists(tmp_path / "bad.pth")
 
 
@@ -520,7 +520,7 @@ def test_wrong_family_is_refused_naming_both(tmp_path):
     msg = str(e.value)
     assert "checkpoint is levit_128s" in msg and "model is pvt_v2_b0" in msg and path in msg
     # the tool refuses the same with --arch
-    assert convert_main([path, str(tmp_path / "out.pth"), "--arch", "pvt_v2_b0"]) == 1
+    assert convert_main([path, str(tmp_path / "out.pth"), "--arch", "pvt_v2_b0"]) == 2
     assert not os.path.exists(tmp_path / "out.pth")
 
 
@@ -627,7 +627,7 @@ def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
         assert msg.startswith(f"Refusing to load {path}: ") and reason in msg, msg
         with pytest.raises(CheckpointError, match="Refusing to load"):
             read_state_dict(str(path))
-        assert convert_main([str(path), str(tmp_path / "out.pth")]) == 1
+        assert convert_main([str(path), str(tmp_path / "out.pth")]) == 2
         assert not os.path.exists(tmp_path / "out.pth")
     assert not marker.exists()
 

@@ -24,7 +24,8 @@ The input is read safely (``torch.load(weights_only=True)``, safetensors, or
 the restricted unpickler for plain ``.pkl`` files: nothing in it can run) and
 never written: an output that is the input file is refused (exit status 2),
 and an existing output file is kept unless ``--force`` is given. A file that
-cannot be converted ends with one ``ERROR:`` line and exit status 1.
+cannot be converted (unreadable, of another model, or refused) ends with one
+``ERROR:`` line and exit status 2, and nothing is written.
 """
 import argparse
 import logging
@@ -83,10 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{converted.family} variant ({', '.join(list_architectures(converted.family))}); wrong --layout? "
                 f"Pass --arch to see how it differs from one")
         report = load_converted(create_backbone(converted.arch), converted)
+        save_for_detectron2(converted, args.output)
     except CheckpointError as e:
         print(f"ERROR: {e}", file=sys.stderr)
-        return 1
-    save_for_detectron2(converted, args.output)
+        return 2
     log.info(f"{converted.arch}: {len(report.loaded)} tensors from the {converted.layout} layout "
              f"({len(report.dropped)} classifier keys dropped, {len(report.new)} new backbone keys left at init) "
              f"written to {args.output}\nUse it with: MODEL.PVT_D2.ARCH {converted.arch} MODEL.WEIGHTS {args.output}")
