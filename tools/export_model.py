@@ -138,16 +138,39 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: str) -> Tuple[C
                           "(onnx, onnxscript; onnxruntime to check the result)") from None
     names = [f"out_{n}" for n in module.names]
     axes = {"image": {2: "height", 3: "width"}, **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names}}
-    with torch.no_grad():
-        torch.onnx.export(module, (example,), path, input_names=["image"], output_names=names,
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+
+    def write(dynamic_axes):
+        with torch.no_grad():
+            torch.onnx.export(module, (example,), path, input_names=["image"], output_names=names,
+                              dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+
+    write(axes)
     try:
         import onnxruntime
     except ImportError:
         print("NOTE: onnxruntime is not installed; the ONNX file is written but not run")
         return None, "ONNX (not run)"
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return (lambda x: [torch.from_numpy(o) for o in session.run(None, {"image": x.numpy()})]), "ONNX via onnxruntime"
+
+    def session_runner():
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: [torch.from_numpy(o) for o in session.run(None, {"image": x.numpy()})]
+
+    # A graph that does not follow the size must not return wrong shapes: probe one other
+    # size and fall back to fixed axes (onnxruntime then rejects other sizes).
+    run = session_runner()
+    probe = torch.nn.functional.pad(example, (0, 17, 0, 13))
+    with torch.no_grad():
+        expected = [tuple(t.shape) for t in module(probe)]
+    try:
+        general = [tuple(t.shape) for t in run(probe)] == expected
+    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types)
+        general = False
+    if general:
+        return run, "ONNX via onnxruntime, dynamic H and W"
+    print(f"NOTE: the ONNX graph does not follow the input size; exporting at the fixed size "
+          f"{example.shape[-2]}x{example.shape[-1]} (H x W): onnxruntime rejects other sizes")
+    write(None)
+    return session_runner(), "ONNX via onnxruntime, fixed size"
 
 
 # ---------------------------------------------------------------------------
