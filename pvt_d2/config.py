@@ -24,6 +24,9 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # ImageNet checkpoint (official or timm layout) loaded into the backbone
     # when the model is built; "" = none. MODEL.WEIGHTS, if set, loads after it.
     cfg.MODEL.PVT_D2.PRETRAINED = ""
+    # Recompute every backbone block in the backward pass instead of keeping its
+    # activations (training only; same gradients, less memory, ~1 extra forward).
+    cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT = False
 
     # Twins: the official detection code's LayerNorm on every stage output
     # (it also feeds the next stage). None = variant default (on for SVT, off

@@ -4,8 +4,21 @@ A family model subclasses :class:`PyramidBackbone`, describes its pyramid
 levels (name, channels, stride) and implements :meth:`forward_features`, which
 returns every level it computes. The base class takes care of the rest:
 ``out_features`` selection and validation, ``output_shape()``, optional
-LayerNorm on each output, input validation, and ``FREEZE_AT`` semantics
-(frozen modules stay frozen and in eval mode after ``model.train()``).
+LayerNorm on each output, input validation, ``FREEZE_AT`` semantics
+(frozen modules stay frozen and in eval mode after ``model.train()``) and
+activation checkpointing (:meth:`PyramidBackbone.set_act_checkpoint`).
+
+Activation checkpointing follows timm's ``set_grad_checkpointing`` and
+detectron2 ViT's ``use_act_checkpoint``: a block's activations are not kept
+for the backward pass but recomputed there, trading about one extra forward
+of the blocks for the memory of their intermediate activations. A family opts
+its block classes in with a class attribute ``act_checkpoint = False`` and
+calls them through :func:`checkpoint_block`; the recomputation uses
+non-reentrant :func:`torch.utils.checkpoint.checkpoint`, which restores the
+RNG state, so stochastic depth and dropout draw the same masks twice.
+BatchNorm layers in training mode would update their running statistics a
+second time during recomputation; no checkpointed block of pvt_d2 has one in
+training mode by default (LeViT's default norm is frozen).
 """
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -13,10 +26,23 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import LayerNorm2d
 
-__all__ = ["PyramidBackbone", "DEFAULT_OUT_FEATURES"]
+__all__ = ["PyramidBackbone", "DEFAULT_OUT_FEATURES", "checkpoint_block"]
+
+
+def checkpoint_block(block: nn.Module, *args, **kwargs):
+    """``block(*args, **kwargs)``, recomputed in backward when activation checkpointing is on.
+
+    Checkpointing applies only when ``block.act_checkpoint`` is set (see
+    :meth:`PyramidBackbone.set_act_checkpoint`), the block is in training
+    mode and autograd is recording; otherwise this is a plain call.
+    """
+    if getattr(block, "act_checkpoint", False) and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
 
 DEFAULT_OUT_FEATURES = ("res2", "res3", "res4", "res5")
 
@@ -47,6 +73,28 @@ class PyramidBackbone(Backbone):
         at most one dimension (norms, biases).
         """
         return {n for n, _ in self.named_parameters() if any(k in n for k in self.no_weight_decay_keywords)}
+
+    #: Whether the blocks are recomputed in backward; see :meth:`set_act_checkpoint`.
+    act_checkpoint: bool = False
+
+    def set_act_checkpoint(self, enabled: bool = True) -> "PyramidBackbone":
+        """Turn activation checkpointing of every transformer / MLP block on or off.
+
+        It takes effect only in training mode with autograd recording
+        (``model.eval()`` and ``torch.no_grad()`` run the blocks plainly) and
+        changes no result: gradients equal those without it (up to float
+        rounding of the recomputation, bit-identical in practice).
+        ``MODEL.PVT_D2.ACTIVATION_CHECKPOINT`` and
+        ``create_backbone(name, act_checkpoint=True)`` call this.
+
+        Returns:
+            ``self``.
+        """
+        self.act_checkpoint = bool(enabled)
+        for module in self.modules():
+            if module is not self and hasattr(type(module), "act_checkpoint"):
+                module.act_checkpoint = bool(enabled)
+        return self
 
     def _init_pyramid(self, channels: Dict[str, int], strides: Dict[str, int],
                       out_features: Optional[Sequence[str]] = None, output_norm: bool = False,

@@ -23,7 +23,7 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .base import PyramidBackbone
+from .base import PyramidBackbone, checkpoint_block
 from .layers import Mlp, PatchEmbed, SpatialReductionAttention, init_weights, residual_add, resize_pos_embed, tokens_to_map
 from .registry import register_architectures
 
@@ -55,6 +55,8 @@ class PVTBlock(nn.Module):
         dwconv: PVT v2 MLP with a depthwise conv.
         norm_eps: epsilon of the two block LayerNorms.
     """
+
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int, drop_path: float = 0.0,
                  linear: bool = False, dwconv: bool = False, norm_eps: float = 1e-6):
@@ -106,7 +108,7 @@ class PVTStage(nn.Module):
         x, hw = self.patch_embed(x)
         x = self.pos_drop(self.pos_embed(x, hw))
         for blk in self.blocks:
-            x = blk(x, hw)
+            x = checkpoint_block(blk, x, hw)
         return tokens_to_map(x, hw)
 
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import PyramidBackbone
+from .base import PyramidBackbone, checkpoint_block
 from .layers import init_weights, map_to_tokens, tokens_to_map
 from .pvt import STAGE_NAMES, PVTBlock, drop_path_rates
 from .registry import register_architectures
@@ -52,7 +52,7 @@ class PVTv2Stage(nn.Module):
         hw = (x.shape[-2], x.shape[-1])
         x = map_to_tokens(x)
         for blk in self.blocks:
-            x = blk(x, hw)
+            x = checkpoint_block(blk, x, hw)
         return tokens_to_map(self.norm(x), hw)
 
 

@@ -75,10 +75,12 @@ def create_backbone(name: str, **kwargs):
     """Build variant ``name`` directly from Python, without a config.
 
     Keyword arguments override or extend the variant's own (``out_features``,
-    ``drop_path_rate``, ``freeze_at``, ...).
+    ``drop_path_rate``, ``freeze_at``, ...); ``act_checkpoint=True`` turns on
+    activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`).
     """
     spec = get_arch(name)
-    return spec.model_cls(**{**spec.kwargs, **kwargs})
+    act_checkpoint = kwargs.pop("act_checkpoint", False)
+    return spec.model_cls(**{**spec.kwargs, **kwargs}).set_act_checkpoint(act_checkpoint)
 
 
 def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
@@ -91,7 +93,8 @@ def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
     )
     family = spec.model_cls.from_config(cfg) if hasattr(spec.model_cls, "from_config") else {}
-    return spec.model_cls(**{**spec.kwargs, **common, **family})
+    model = spec.model_cls(**{**spec.kwargs, **common, **family})
+    return model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
 
 
 @BACKBONE_REGISTRY.register()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .base import PyramidBackbone
+from .base import PyramidBackbone, checkpoint_block
 from .layers import (
     CLASSIFIER_KEY_PREFIXES,
     drop_classifier_keys,
@@ -168,6 +168,8 @@ class TwinsBlock(nn.Module):
         attn_drop: dropout on the attention weights.
         proj_drop: dropout after the attention projection and in the MLP.
     """
+
+    act_checkpoint = False  # see PyramidBackbone.set_act_checkpoint
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, sr_ratio: int = 1,
                  window_size: Optional[int] = None, drop_path: float = 0.0,
@@ -300,7 +302,7 @@ class Twins(PyramidBackbone):
         for i in range(last + 1):
             tokens, hw = self.patch_embeds[i](x)
             for j, block in enumerate(self.blocks[i]):
-                tokens = block(tokens, hw)
+                tokens = checkpoint_block(block, tokens, hw)
                 if j == 0:
                     tokens = self.pos_block[i](tokens, hw)
             if self.norm_list is not None:
