@@ -53,6 +53,8 @@ fi
 
 echo "[install] requirements.txt"
 pip_install -r requirements.txt
+# The linter .ci/run runs before the tests (rules in ruff.toml); pinned so a new release adds no findings.
+pip_install "ruff==0.17.6"
 
 # detectron2: keep a user's own build; otherwise install the redistributed wheel.
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

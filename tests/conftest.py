@@ -1,12 +1,10 @@
 """Shared fixtures: a tiny training config on the synthetic set, and a temporary dataset root."""
 import os
-import sys
 
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CONFIGS = os.path.join(REPO, "configs")
 
 torch.set_num_threads(2)

@@ -16,17 +16,13 @@ Operators fvcore has no rule for are skipped quietly and listed at the end.
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.engine import use_cpu_if_no_cuda  # noqa: E402
-from pvt_d2.utils.analysis import (  # noqa: E402
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.engine import use_cpu_if_no_cuda
+from pvt_d2.utils.analysis import (
     build_detector,
     count_parameters,
     detector_inputs,

@@ -33,10 +33,8 @@ import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pvt_d2.checkpoint import CheckpointError, convert_checkpoint, load_converted, save_for_detectron2  # noqa: E402
-from pvt_d2.modeling import create_backbone, list_architectures  # noqa: E402
+from pvt_d2.checkpoint import CheckpointError, convert_checkpoint, load_converted, save_for_detectron2
+from pvt_d2.modeling import create_backbone, list_architectures
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

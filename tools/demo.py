@@ -34,19 +34,16 @@ import os
 import sys
 from typing import List, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
-from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config  # noqa: E402
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import DatasetError  # noqa: E402
-from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
-from pvt_d2.engine import use_cpu_if_no_cuda  # noqa: E402
+from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.data import DatasetError
+from pvt_d2.data.custom import setup_custom_datasets
+from pvt_d2.engine import use_cpu_if_no_cuda
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")

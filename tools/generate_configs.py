@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+from pvt_d2.checkpoint.sources import pretrained_url
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 
@@ -175,13 +177,6 @@ def official_config(arch: str, family: str, detector: str) -> Tuple[Optional[str
     return None, _FAMILY_MODEL.get((family, detector), _MODEL[detector])
 
 
-def _pretrained(arch: str) -> str:
-    sys.path.insert(0, REPO)
-    from pvt_d2.checkpoint.sources import pretrained_url
-
-    return pretrained_url(arch)
-
-
 def _number(value) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
@@ -199,7 +194,7 @@ def render(short: str, arch: str, family: str, drop_path: float, base: str) -> s
              "  PVT_D2:",
              f'    ARCH: "{arch}"',
              f"    DROP_PATH_RATE: {drop_path}",
-             f'    PRETRAINED: "{_pretrained(arch)}"',
+             f'    PRETRAINED: "{pretrained_url(arch)}"',
              "SOLVER:"]
     for key, value in solver.items():
         text = f"({', '.join(str(v) for v in value)})" if isinstance(value, tuple) else _number(value)

@@ -20,22 +20,19 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
-from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup,  # noqa: E402
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (AMPTrainer, SimpleTrainer, default_argument_parser, default_setup,
                                default_writers, hooks, launch)
-from detectron2.evaluation import inference_on_dataset, print_csv_format  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from hydra.errors import OverrideParseException  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from hydra.errors import OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
 
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError  # noqa: E402
-from pvt_d2.config import ConfigError  # noqa: E402
-from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
-from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model  # noqa: E402
+from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError
+from pvt_d2.config import ConfigError
+from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
+from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError)
 logger = logging.getLogger("pvt_d2")

@@ -22,6 +22,7 @@ config it was obtained with (``tools/generate_configs.py``'s
 """
 import argparse
 import datetime
+import functools
 import glob
 import json
 import os
@@ -32,15 +33,12 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.config import load_config  # noqa: E402
-from pvt_d2.modeling import get_arch  # noqa: E402
-from pvt_d2.utils.analysis import (  # noqa: E402
+from pvt_d2.config import load_config
+from pvt_d2.modeling import get_arch
+from pvt_d2.utils.analysis import (
     build_backbone,
     count_parameters,
     detector_parameter_counts,
@@ -48,6 +46,11 @@ from pvt_d2.utils.analysis import (  # noqa: E402
     random_images,
     run_benchmark,
 )
+
+if __package__:  # imported as tools.model_zoo (the tests)
+    from .generate_configs import official_config
+else:  # run as a script: its folder tools/ is sys.path[0]
+    from generate_configs import official_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -142,8 +145,6 @@ def twins_classifier_params(arch: str) -> int:
 
 def follows_official_config(entry: Dict) -> bool:
     """Whether a config follows an official config file (so the AP published with it applies)."""
-    from tools.generate_configs import official_config
-
     return official_config(entry["arch"], entry["family"], entry["detector"])[0] is not None
 
 
@@ -236,7 +237,7 @@ def measure(entries: List[Dict], flops: bool = True, latency: bool = True, laten
             stats["gflops"] = flop_analysis(backbone, (image,)).total() / 1e9
         if latency:
             # the FLOP count's traced forward pass doubles as the warm-up
-            result = run_benchmark(lambda: backbone(image), name=arch, device="cpu", iters=latency_iters,
+            result = run_benchmark(functools.partial(backbone, image), name=arch, device="cpu", iters=latency_iters,
                                    warmup=0 if flops else 1, size=size, max_seconds=latency_budget_s)
             stats["latency_ms"] = result.mean_ms
             stats["latency_passes"] = len(result.times_s)

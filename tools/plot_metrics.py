@@ -13,9 +13,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pvt_d2.utils.plot import plot_metrics  # noqa: E402
+from pvt_d2.utils.plot import plot_metrics
 
 
 def main(argv=None) -> int:

@@ -13,18 +13,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor, default_setup
 
-import cv2  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultPredictor, default_setup  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.config import load_config  # noqa: E402
-from pvt_d2.data import prepare_datasets  # noqa: E402
-from pvt_d2.engine import Trainer, use_cpu_if_no_cuda  # noqa: E402
-from pvt_d2.utils.visualize import draw_instances  # noqa: E402
+from pvt_d2.config import load_config
+from pvt_d2.data import prepare_datasets
+from pvt_d2.engine import Trainer, use_cpu_if_no_cuda
+from pvt_d2.utils.visualize import draw_instances
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "quickstart_pvt_v2_b0.yaml")

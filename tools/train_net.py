@@ -18,28 +18,24 @@ process starts.
 """
 import contextlib
 import logging
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import detectron2.utils.comm as comm
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from torch.multiprocessing import ProcessExitedException  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,  # noqa: E402
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,
                          prepare_datasets)
-from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
-from pvt_d2.engine import Trainer, use_cpu_if_no_cuda  # noqa: E402
-from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir  # noqa: E402
-from pvt_d2.checkpoint import CheckpointError  # noqa: E402
-from pvt_d2.checkpoint.download import prefetch_pretrained  # noqa: E402
-from pvt_d2.engine.trainer import NonFiniteLossError  # noqa: E402
+from pvt_d2.data.custom import setup_custom_datasets
+from pvt_d2.engine import Trainer, use_cpu_if_no_cuda
+from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
+from pvt_d2.checkpoint import CheckpointError
+from pvt_d2.checkpoint.download import prefetch_pretrained
+from pvt_d2.engine.trainer import NonFiniteLossError
 
 # Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,

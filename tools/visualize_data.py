@@ -21,15 +21,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+from tqdm import tqdm
 
-import cv2  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
-from pvt_d2.data.custom import setup_custom_datasets  # noqa: E402
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets
+from pvt_d2.data.custom import setup_custom_datasets
 
 
 def _unique_path(out_dir: str, file_name: str, used: set) -> str:

@@ -21,15 +21,13 @@ import sys
 from collections import defaultdict
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets  # noqa: E402
-from pvt_d2.data.custom import register_dataset_spec  # noqa: E402
+from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets
+from pvt_d2.data.custom import register_dataset_spec
 
 
 def predictions_to_instances(predictions: List[Dict], image_size, dataset_id_to_contiguous: Dict[int, int],

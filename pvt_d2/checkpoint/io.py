@@ -90,9 +90,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise CheckpointError(
             f"Refusing to load {self.source}: it is a pickle with content the safe loader does not rebuild, which "
-            f"would import or run Python code ({module}.{name}) when loaded. Only dicts, lists, numbers, strings and numpy arrays are accepted "
-            f"in a plain pickle (.pkl). If you trust the file, re-save just its weights with torch.save (or as "
-            f".safetensors) and use that.")
+            f"would import or run Python code ({module}.{name}) when loaded. Only dicts, lists, numbers, strings "
+            f"and numpy arrays are accepted in a plain pickle (.pkl). If you trust the file, re-save just its "
+            f"weights with torch.save (or as .safetensors) and use that.")
 
     def persistent_load(self, pid):
         raise CheckpointError(f"Refusing to load {self.source}: it is a pickle with external references "

@@ -58,7 +58,8 @@ def prepare_datasets(names: Iterable[str]) -> None:
             raise DatasetNotFoundError(
                 f"Dataset '{name}' not found: missing {', '.join(missing)}.\n"
                 f"pvt_d2 looks for datasets under $DETECTRON2_DATASETS (now: {os.path.abspath(root)}). "
-                f"For COCO 2017, download train2017/, val2017/ and annotations/ from cocodataset.org and lay them out as\n"
+                f"For COCO 2017, download train2017/, val2017/ and annotations/ from cocodataset.org and lay them "
+                f"out as\n"
                 f"  {os.path.abspath(root)}/coco/annotations/instances_{{train,val}}2017.json\n"
                 f"  {os.path.abspath(root)}/coco/{{train2017,val2017}}/*.jpg\n"
                 f"or set DETECTRON2_DATASETS to the folder that contains coco/. "

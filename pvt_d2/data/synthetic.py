@@ -1,7 +1,8 @@
 """A small, deterministic COCO-format instance-segmentation set for quick runs.
 
 Images show a few shapes (circle, square, triangle, star), each class with a
-typical colour jittered per instance, of random size and rotation on textured backgrounds (gradients, stripes and noise).
+typical colour jittered per instance, of random size and rotation on
+textured backgrounds (gradients, stripes and noise).
 Instances never overlap, so each polygon is exactly the visible mask. The
 set is written on first use under ``<root>/pvt_d2_synthetic/`` with detectron2's
 usual layout (``train/``, ``val/`` and ``annotations/instances_{split}.json``)

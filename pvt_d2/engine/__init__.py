@@ -6,3 +6,5 @@ Checkpointing lives one layer below, in :mod:`pvt_d2.checkpoint`;
 from ..checkpoint import AtomicCheckpointer
 from .optim import build_optimizer, param_groups
 from .trainer import Trainer, create_ddp_model, use_cpu_if_no_cuda
+
+__all__ = ["AtomicCheckpointer", "Trainer", "build_optimizer", "create_ddp_model", "param_groups", "use_cpu_if_no_cuda"]

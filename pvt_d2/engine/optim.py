@@ -79,7 +79,8 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     optimizer_cls = torch.optim.AdamW
     if clip.ENABLED:
         if clip.CLIP_TYPE != "full_model":
-            raise ValueError(f"With AdamW, SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model', got '{clip.CLIP_TYPE}'")
+            raise ValueError(
+                f"With AdamW, SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model', got '{clip.CLIP_TYPE}'")
         optimizer_cls = _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     return optimizer_cls(param_groups(model, cfg.SOLVER.WEIGHT_DECAY), lr=cfg.SOLVER.BASE_LR,
                          betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY)

@@ -1,5 +1,4 @@
 """Draw detections and ground truth on images with detectron2's Visualizer."""
-from typing import Optional
 
 import numpy as np
 from detectron2.data import MetadataCatalog
