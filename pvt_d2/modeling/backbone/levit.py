@@ -44,7 +44,15 @@ shapes are spelled out, so a TorchScript trace follows any input size.
 
 BatchNorm: ``norm="FrozenBN"`` (default, detection) fixes the statistics and
 affine parameters, ``"BN"`` keeps plain BatchNorm, ``"SyncBN"`` synchronizes
-it across processes. Module names follow timm's linear ``levit_*`` models;
+it across processes. :meth:`LevitBackbone.set_batchnorm_folding` folds every
+fixed BatchNorm into the projection before it, as the official code does for
+inference (off by default: in float32 it changes the rounding, not the
+function; the state dict never changes).
+
+Speed: in inference the gathered attention biases are cached per grid (small
+LRU per layer), the attention is two matmuls around a softmax with the biases
+added in place (timm's formulation, bit-identical to it), and the returned
+``res4``-``res6`` maps are channels-last views of the token maps (no copy). Module names follow timm's linear ``levit_*`` models;
 their checkpoints load after dropping ``head.*`` and ``head_dist.*``.
 """
 import functools
@@ -60,7 +68,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block
-from .layers import is_tracing
+from .layers import inference_inplace, is_tracing
 from .registry import register_architectures
 
 __all__ = [
@@ -144,8 +152,77 @@ def convert_batchnorm(module: nn.Module, norm: str) -> nn.Module:
     return module
 
 
-class ConvBN(nn.Module):
-    """Bias-free convolution followed by BatchNorm2d."""
+def batchnorm_affine(bn: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel, or None when ``bn`` is not fixed.
+
+    A BatchNorm is a fixed affine map when frozen (:class:`FrozenBatchNorm1d`,
+    detectron2's ``FrozenBatchNorm2d``: in any mode) or when a plain /
+    synchronized BatchNorm runs in eval mode on its running statistics. In
+    training mode a plain BatchNorm normalises with the batch statistics and
+    cannot be folded.
+    """
+    if isinstance(bn, FrozenBatchNorm2d):  # FrozenBatchNorm1d included
+        weight, bias = bn.weight, bn.bias
+    elif isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if bn.training or bn.running_mean is None:
+            return None
+        weight = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        bias = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    else:
+        return None
+    scale = weight * (bn.running_var + bn.eps).rsqrt()
+    return scale, bias - bn.running_mean * scale
+
+
+class _FoldableBN(nn.Module):
+    """A bias-free projection ``linear`` followed by BatchNorm ``bn``, folded into one projection when possible.
+
+    Whenever the BatchNorm is a fixed affine map (:func:`batchnorm_affine`:
+    frozen, or in eval mode) the pair is computed as one projection with
+    weight ``W * scale`` and bias ``shift``, as the official LeViT code does
+    for inference (``model/levit.py`` of facebookresearch/LeViT fuses each
+    ``Conv2d_BN`` / ``Linear_BN``); this removes a full pass over the
+    activations. The folded weights are derived values, never parameters or
+    buffers, so the state dict is unchanged. They are cached while no
+    gradient is needed (keyed on the storage and version counters of the five
+    source tensors, so loading weights invalidates them) and recomputed in the
+    graph otherwise (training with frozen BatchNorm, tracing, export), where
+    folding is the same function with the same gradients. ``fold_batchnorm``
+    (see :meth:`LevitBackbone.set_batchnorm_folding`) switches folding off to
+    run the projection and the BatchNorm separately.
+    """
+
+    fold_batchnorm = False
+
+    def __init__(self):
+        super().__init__()
+        self._folded_key: Optional[tuple] = None
+        self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def folded(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight, bias)`` of the folded projection, or None when the BatchNorm cannot be folded."""
+        if not self.fold_batchnorm:
+            return None
+        bn, weight = self.bn, self.linear.weight
+        sources = [weight] + [t for t in (getattr(bn, "weight", None), getattr(bn, "bias", None),
+                                          bn.running_mean, bn.running_var) if t is not None]
+        recorded = is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+        if not recorded:
+            key = (bn.training, weight.device, weight.dtype) + tuple((t.data_ptr(), t._version) for t in sources)
+            if key == self._folded_key:
+                return self._folded
+        affine = batchnorm_affine(bn)
+        if affine is None:
+            return None
+        scale, shift = affine
+        folded = (weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1)), shift)
+        if not recorded:
+            self._folded_key, self._folded = key, tuple(t.detach() for t in folded)
+        return folded
+
+
+class ConvBN(_FoldableBN):
+    """Bias-free convolution followed by BatchNorm2d (folded when fixed, see :class:`_FoldableBN`)."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 3, stride: int = 2,
                  padding: int = 1):
@@ -154,11 +231,15 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        folded = self.folded()
+        if folded is not None:
+            conv = self.linear
+            return F.conv2d(x, folded[0], folded[1], conv.stride, conv.padding, conv.dilation, conv.groups)
         return self.bn(self.linear(x))
 
 
-class LinearBN(nn.Module):
-    """Bias-free Linear on the last dim followed by BatchNorm over all tokens.
+class LinearBN(_FoldableBN):
+    """Bias-free Linear on the last dim followed by BatchNorm over all tokens (folded when fixed).
 
     Args:
         in_features: input channels.
@@ -174,6 +255,9 @@ class LinearBN(nn.Module):
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        folded = self.folded()
+        if folded is not None:  # one addmm on the flattened tokens (a >2-d input may take a batched matmul)
+            return F.linear(x.reshape(-1, x.shape[-1]), folded[0], folded[1]).view(x.shape[:-1] + (-1,))
         x = self.linear(x)
         return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
@@ -317,6 +401,9 @@ class _OffsetBiasAttention(nn.Module):
         attn_mode: ``"window"`` or ``"global"`` (see the module docstring).
     """
 
+    BIAS_CACHE_SIZE = 4  # geometries (grid sizes) whose gathered biases are kept in inference
+    BIAS_CACHE_MAX_NUMEL = 1 << 22  # larger gathers are not kept
+
     def __init__(self, num_heads: int, key_dim: int, table_size: int, stride: int, attn_mode: str):
         super().__init__()
         if attn_mode not in ATTN_MODES:
@@ -328,6 +415,7 @@ class _OffsetBiasAttention(nn.Module):
         self.stride = stride
         self.attn_mode = attn_mode
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
+        self._bias_cache: "OrderedDict[tuple, Tuple[TileGeometry, torch.Tensor]]" = OrderedDict()
 
     def geometry(self, grid: Tuple[int, int], device: torch.device) -> TileGeometry:
         """The geometry of this layer on a key ``grid``: cached in eager mode, rebuilt in the graph when recording."""
@@ -336,13 +424,41 @@ class _OffsetBiasAttention(nn.Module):
             return build_tile_geometry(grid, self.table_size, self.stride, windowed, device, always_mask=True)
         return tile_geometry((int(grid[0]), int(grid[1])), self.table_size, self.stride, windowed, device)
 
-    def attention_mask(self, geo: TileGeometry) -> torch.Tensor:
-        """Additive mask ``(tiles or 1, heads, queries, keys)``: biases plus key padding."""
+    def gather_bias(self, geo: TileGeometry) -> torch.Tensor:
+        """The learned biases of every (tile layout, head, query slot, key): ``(1 or tiles, heads, Q, K)``."""
         table = self.attention_biases.view(self.num_heads, self.table_size, self.table_size)
         oy, ox = geo.offset_y, geo.offset_x
         bias = table[:, oy[:, None, :, None, :, None], ox[None, :, None, :, None, :]]
         h, t_y, t_x, q_y, q_x, k_y, k_x = bias.shape
-        bias = bias.reshape(h, t_y * t_x, q_y * q_x, k_y * k_x).transpose(0, 1)
+        return bias.reshape(h, t_y * t_x, q_y * q_x, k_y * k_x).transpose(0, 1)
+
+    def attention_bias(self, geo: TileGeometry) -> torch.Tensor:
+        """:meth:`gather_bias`, cached per geometry in inference.
+
+        The gathered biases are kept (a small LRU over geometries) while the
+        table needs no gradient and nothing is being recorded, keyed on the
+        table's storage, version counter and dtype; a gather larger than
+        :attr:`BIAS_CACHE_MAX_NUMEL` values (global mode on large maps) is
+        recomputed each time instead of held.
+        """
+        table = self.attention_biases
+        if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
+            return self.gather_bias(geo)
+        key = (id(geo), table.device, table.dtype, table.data_ptr(), table._version)
+        hit = self._bias_cache.get(key)
+        if hit is not None and hit[0] is geo:
+            self._bias_cache.move_to_end(key)
+            return hit[1]
+        bias = self.gather_bias(geo).detach()
+        if bias.numel() <= self.BIAS_CACHE_MAX_NUMEL:
+            self._bias_cache[key] = (geo, bias)  # holding the geometry keeps its id() unique
+            while len(self._bias_cache) > self.BIAS_CACHE_SIZE:
+                self._bias_cache.popitem(last=False)
+        return bias
+
+    def attention_mask(self, geo: TileGeometry) -> torch.Tensor:
+        """Additive mask ``(tiles or 1, heads, queries, keys)``: biases plus key padding."""
+        bias = self.attention_bias(geo)
         if geo.key_mask is not None:
             bias = bias + geo.key_mask
         return bias
@@ -378,9 +494,25 @@ class _OffsetBiasAttention(nn.Module):
         return [p.permute(0, 1, 3, 2, 4) for p in parts]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
-        """Biased attention per tile; returns ``(B, T, queries, heads * value_dim)``."""
-        mask = self.attention_mask(geo).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        """Biased attention per tile; returns ``(B, T, queries, heads * value_dim)``.
+
+        Written out as two matmuls around a softmax, as timm and the official
+        code do: with a per-tile float mask on 5-d inputs SDPA takes its
+        generic CPU path, which adds guards against fully masked rows (none
+        exist here: every tile holds at least one real key). In inference the
+        biases and the key mask are added in place.
+        """
+        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))
+        bias = self.attention_bias(geo).to(attn.dtype)
+        if inference_inplace(attn):
+            attn += bias
+            if geo.key_mask is not None:
+                attn += geo.key_mask.to(attn.dtype)
+        else:
+            attn = attn + bias
+            if geo.key_mask is not None:
+                attn = attn + geo.key_mask.to(attn.dtype)
+        out = torch.matmul(attn.softmax(dim=-1), v)
         b, t, _, n, _ = out.shape
         return out.permute(0, 1, 3, 2, 4).reshape(b, t, n, -1)
 
@@ -628,6 +760,29 @@ class LevitBackbone(PyramidBackbone):
         strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32, "res6": 64}
         self._init_pyramid(channels, strides, out_features, output_norm, freeze_at)
 
+    def set_batchnorm_folding(self, enabled: bool = True) -> "LevitBackbone":
+        """Fold every BatchNorm into the projection before it whenever the BatchNorm is fixed.
+
+        With folding on, each Conv+BN / Linear+BN pair whose BatchNorm is a
+        fixed affine map (frozen BatchNorm in any mode, plain or synchronized
+        BatchNorm in eval mode) runs as one projection with folded weights,
+        as the official LeViT code fuses its BatchNorms for inference (see
+        :class:`_FoldableBN`). Same function; in float32 the outputs differ
+        from the unfolded ones by rounding only. The state dict and the
+        parameters are untouched (the folded weights are derived and cached
+        separately), so checkpoints saved with folding on load anywhere.
+
+        Args:
+            enabled: fold (True) or run each projection and BatchNorm separately (False, the default).
+
+        Returns:
+            ``self``.
+        """
+        for m in self.modules():
+            if isinstance(m, _FoldableBN):
+                m.fold_batchnorm = bool(enabled)
+        return self
+
     @classmethod
     def from_config(cls, cfg) -> Dict[str, str]:
         """``attn_mode`` and ``norm`` from ``MODEL.PVT_D2.LEVIT``."""
@@ -644,7 +799,7 @@ class LevitBackbone(PyramidBackbone):
         x = self.stem.conv4(out["res3"]).permute(0, 2, 3, 1)
         for name, stage in zip(LEVEL_NAMES[2:last + 1], self.stages):
             x = stage(x)
-            out[name] = x.permute(0, 3, 1, 2).contiguous()
+            out[name] = x.permute(0, 3, 1, 2)  # a channels-last (B, C, H, W) view, no copy
         return out
 
 
