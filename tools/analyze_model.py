@@ -20,13 +20,13 @@ import sys
 
 import torch
 
+from pvt_d2.checkpoint import bottom_up_backbone
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.engine import use_cpu_if_no_cuda
 from pvt_d2.utils.analysis import (
     build_detector,
     count_parameters,
     detector_inputs,
-    find_pyramid_backbone,
     flop_analysis,
     parse_size,
     random_images,
@@ -41,7 +41,7 @@ def analyze(cfg, tasks, height: int, width: int, backbone_only: bool = False, de
         from detectron2.checkpoint import DetectionCheckpointer
 
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    backbone = find_pyramid_backbone(model)
+    backbone = bottom_up_backbone(model)
     result = {"arch": cfg.MODEL.PVT_D2.ARCH, "input_size": [height, width], "tables": {}}
     if "parameter" in tasks:
         total, n_backbone = count_parameters(model), count_parameters(backbone)

@@ -13,6 +13,7 @@ runs; ``tools/convert_pretrained.py`` writes files for ``MODEL.WEIGHTS``.
 from .convert import (
     ConvertedCheckpoint,
     LoadReport,
+    bottom_up_backbone,
     convert_checkpoint,
     convert_state_dict,
     detect_source,
@@ -37,6 +38,7 @@ __all__ = [
     "WeightSource",
     "WeightsDownloadError",
     "atomic_torch_save",
+    "bottom_up_backbone",
     "cache_path",
     "convert_checkpoint",
     "convert_state_dict",

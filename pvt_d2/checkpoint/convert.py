@@ -46,6 +46,7 @@ __all__ = [
     "convert_checkpoint",
     "arch_hparams",
     "match_arch",
+    "bottom_up_backbone",
     "find_backbone",
     "describe_backbone",
     "load_converted",
@@ -310,15 +311,27 @@ def _check_variant(converted: ConvertedCheckpoint, expected: Dict[str, Any], mod
 # ---------------------------------------------------------------------------
 # Loading into a model
 # ---------------------------------------------------------------------------
-def find_backbone(model: nn.Module) -> PyramidBackbone:
-    """The pvt_d2 backbone of a detector (``backbone.bottom_up`` with FPN, ``backbone`` without) or itself."""
+def bottom_up_backbone(model: nn.Module) -> nn.Module:
+    """The bottom-up backbone of any detectron2 detector, or ``model`` itself when it has none.
+
+    ``model.backbone.bottom_up`` under an FPN, ``model.backbone`` without one;
+    a ``DistributedDataParallel`` / ``DataParallel`` wrapper is looked through.
+    """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
-    candidates = [model, getattr(model, "backbone", None),
-                  getattr(getattr(model, "backbone", None), "bottom_up", None)]
-    for candidate in candidates:
-        if isinstance(candidate, PyramidBackbone):
-            return candidate
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "bottom_up", backbone)
+
+
+def find_backbone(model: nn.Module) -> PyramidBackbone:
+    """The pvt_d2 backbone of a detector (:func:`bottom_up_backbone`), or the model itself if it is one.
+
+    Raises:
+        TypeError: the model holds no pvt_d2 backbone there.
+    """
+    backbone = bottom_up_backbone(model)
+    if isinstance(backbone, PyramidBackbone):
+        return backbone
     raise TypeError(f"{type(model).__name__} has no pvt_d2 backbone (looked at the model, model.backbone and "
                     f"model.backbone.bottom_up)")
 

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 __all__ = ["CheckpointError", "NESTED_KEYS", "RestrictedUnpickler", "sniff_format", "load_checkpoint_file",
            "extract_state_dict", "read_state_dict", "check_finite", "atomic_torch_save"]
@@ -254,8 +255,10 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _strip_common_prefix(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    # Only when every key has it, as fvcore's checkpointer does; torch alone would also rename the keys of a
+    # real top-level submodule called "module" in an unwrapped model.
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        consume_prefix_in_state_dict_if_present(state_dict, prefix)
     return state_dict
 
 

@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
+from ..modeling.backbone.layers import CLASSIFIER_KEY_PREFIXES
 
 __all__ = ["FamilyMapping", "MAPPINGS", "get_mapping", "resolved_kwargs"]
 
@@ -234,7 +235,7 @@ def pvt_v2_hparams_of_kwargs(kw: Dict[str, Any]) -> Dict[str, Any]:
 # Twins
 # ---------------------------------------------------------------------------
 #: Official and timm Twins share their names with ours; only the classifier goes.
-twins_from_official = _dropping("norm.", "head.")
+twins_from_official = _dropping(*CLASSIFIER_KEY_PREFIXES)
 
 
 def twins_hparams(sd: StateDict) -> Dict[str, Any]:
@@ -432,7 +433,7 @@ def gcvit_hparams_of_kwargs(kw: Dict[str, Any]) -> Dict[str, Any]:
 # Vision Permutator
 # ---------------------------------------------------------------------------
 #: The official ViP names are ours; only the classifier goes.
-vip_from_official = _dropping("norm.", "head.")
+vip_from_official = _dropping(*CLASSIFIER_KEY_PREFIXES)
 
 
 def vip_hparams(sd: StateDict) -> Dict[str, Any]:

@@ -33,6 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     ``no_weight_decay()`` (:func:`no_weight_decay_names`: position
     embeddings, Twins' PEG convs, attention-bias tables).
     """
+    # Not timm's param_groups_weight_decay: it lists the exempt group first (saved optimizer states have the decayed
+    # group at 0) and merges both at weight decay 0. Not detectron2's: it exempts norm layers by type, not ndim <= 1.
     exempt_names = no_weight_decay_names(model)
     decay, no_decay = [], []
     seen = set()

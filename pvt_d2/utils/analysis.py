@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..checkpoint import bottom_up_backbone
+
 __all__ = [
     "parse_size",
     "count_parameters",
@@ -46,6 +48,9 @@ __all__ = [
     "run_benchmark",
     "autocast",
 ]
+
+# Old name, until tools/benchmark.py and tools/export_model.py import bottom_up_backbone.
+find_pyramid_backbone = bottom_up_backbone
 
 
 def parse_size(text) -> Tuple[int, int]:
@@ -68,15 +73,6 @@ def parse_size(text) -> Tuple[int, int]:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of (distinct) parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def find_pyramid_backbone(model: nn.Module) -> nn.Module:
-    """The bottom-up backbone of a detector: ``model.backbone.bottom_up`` under an FPN, else ``model.backbone``.
-
-    A module that is itself a backbone (has no ``backbone`` attribute) is returned unchanged.
-    """
-    backbone = getattr(model, "backbone", model)
-    return getattr(backbone, "bottom_up", backbone)
 
 
 def _cpu_cfg(cfg):
@@ -103,7 +99,7 @@ def build_backbone(cfg, device: str = "cpu") -> nn.Module:
     if cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
         backbone = build_pvt_d2_backbone(cfg, input_shape)
     else:
-        backbone = find_pyramid_backbone(d2_build_backbone(cfg, input_shape))
+        backbone = bottom_up_backbone(d2_build_backbone(cfg, input_shape))
     return backbone.to(device).eval()
 
 
@@ -150,7 +146,7 @@ def detector_parameter_counts(cfg, backbone: Optional[nn.Module] = None) -> Dict
     import pvt_d2.modeling  # noqa: F401  (registers the builders)
 
     model = _build_uninitialised(_cpu_cfg(cfg))
-    n_model, n_bottom_up = count_parameters(model), count_parameters(find_pyramid_backbone(model))
+    n_model, n_bottom_up = count_parameters(model), count_parameters(bottom_up_backbone(model))
     n_backbone = n_bottom_up if backbone is None else count_parameters(backbone)
     return {"backbone": n_backbone, "detector": n_model - n_bottom_up + n_backbone}
 
