@@ -2,10 +2,18 @@
 
 Call :func:`add_pvt_d2_config` on a detectron2 config before merging one of the
 YAML files under ``configs/``. Every key is documented where it is defined.
+
+A backbone setting has one default, the model's own: its family file's
+constructor and variant table (``pvt_d2/modeling/backbone/<family>.py``).
+The ``MODEL.PVT_D2`` keys that mirror one are unset (``None``) here and only
+override it when a config or the command line sets them; the detector configs
+under ``configs/`` set the detection values (drop path per variant) explicitly.
 """
 import math
 
 from detectron2.config import CfgNode as CN
+
+from .modeling.backbone.base import DEFAULT_OUT_FEATURES
 
 __all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "validate_config", "ConfigError"]
 
@@ -16,9 +24,10 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # Variant name, e.g. "pvt_small", "pvt_v2_b2", "twins_svt_small", "gcvit_tiny".
     cfg.MODEL.PVT_D2.ARCH = "pvt_v2_b0"
     # Pyramid levels returned by the backbone (res2..res5 at strides 4..32).
-    cfg.MODEL.PVT_D2.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.PVT_D2.OUT_FEATURES = list(DEFAULT_OUT_FEATURES)
     # Stochastic depth: the rate of the last block, linearly increasing from 0.
-    cfg.MODEL.PVT_D2.DROP_PATH_RATE = 0.1
+    # None = the variant's own rate.
+    cfg.MODEL.PVT_D2.DROP_PATH_RATE = None
     # Extra LayerNorm on every returned level.
     cfg.MODEL.PVT_D2.OUTPUT_NORM = False
     # ImageNet checkpoint (official or timm layout) loaded into the backbone
@@ -34,15 +43,18 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     cfg.MODEL.PVT_D2.TWINS = CN()
     cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM = None
 
-    # GC ViT: window side per stage ([] = the ImageNet windows 7, 7, 14, 7).
+    # GC ViT: window side per stage; [] = the model's own, the ImageNet windows
+    # 7, 7, 14, 7. The default is the official detection code's 24 in every
+    # stage (NVlabs/GCVit detection/configs/gcvit/*.py).
     cfg.MODEL.PVT_D2.GCVIT = CN()
     cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = [24, 24, 24, 24]
 
     # LeViT: "window" (attention inside tiles of the pretraining grid) or
-    # "global" (whole map, bias table extended); norm "FrozenBN", "BN" or "SyncBN".
+    # "global" (whole map, bias table extended); norm "FrozenBN", "BN" or
+    # "SyncBN". None = the model's own.
     cfg.MODEL.PVT_D2.LEVIT = CN()
-    cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE = "window"
-    cfg.MODEL.PVT_D2.LEVIT.NORM = "FrozenBN"
+    cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE = None
+    cfg.MODEL.PVT_D2.LEVIT.NORM = None
 
     # Training augmentation: "default" (detectron2's resize + flip from
     # INPUT.MIN_SIZE_TRAIN) or "official_3x" (the papers' 3x recipe, see
@@ -269,7 +281,8 @@ def validate_config(cfg: CN) -> CN:
 
         if cfg.MODEL.PVT_D2.ARCH not in list_architectures():
             bad("MODEL.PVT_D2.ARCH", f"unknown architecture; valid names: {', '.join(list_architectures())}")
-        finite_number("MODEL.PVT_D2.DROP_PATH_RATE", 0.0, 1.0)
+        if cfg.MODEL.PVT_D2.DROP_PATH_RATE is not None:
+            finite_number("MODEL.PVT_D2.DROP_PATH_RATE", 0.0, 1.0)
         out = list(cfg.MODEL.PVT_D2.OUT_FEATURES)
         if not out or len(set(out)) != len(out):
             bad("MODEL.PVT_D2.OUT_FEATURES", "it must list distinct levels, e.g. ['res2', 'res3', 'res4', 'res5']")
@@ -288,8 +301,15 @@ def validate_config(cfg: CN) -> CN:
 _INPUT_FORMATS = ("BGR", "RGB", "L", "YUV-BT.601")
 
 
+def _one_of(values) -> str:
+    """``('a', 'b', 'c')`` -> ``"'a', 'b' or 'c'"``."""
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
 def _validate_family_options(cfg: CN, bad) -> None:
     """Options of ``MODEL.PVT_D2`` that the model would only reject when built: levels, freezing, family keys."""
+    from .modeling.backbone import levit
     from .modeling.backbone.registry import get_arch
 
     family = get_arch(cfg.MODEL.PVT_D2.ARCH).family
@@ -302,10 +322,10 @@ def _validate_family_options(cfg: CN, bad) -> None:
     if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze <= len(levels) + 1:
         bad("MODEL.BACKBONE.FREEZE_AT", f"it must be 0 (train everything), 1 (freeze the stem) or 2-{len(levels) + 1}"
                                         f" (also the stages up to res2-res{len(levels) + 1})")
-    if cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE not in ("window", "global"):
-        bad("MODEL.PVT_D2.LEVIT.ATTN_MODE", "use 'window' or 'global'")
-    if cfg.MODEL.PVT_D2.LEVIT.NORM not in ("FrozenBN", "BN", "SyncBN"):
-        bad("MODEL.PVT_D2.LEVIT.NORM", "use 'FrozenBN', 'BN' or 'SyncBN'")
+    if cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE not in (None, *levit.ATTN_MODES):
+        bad("MODEL.PVT_D2.LEVIT.ATTN_MODE", f"use {_one_of(levit.ATTN_MODES)} (None: the model's own)")
+    if cfg.MODEL.PVT_D2.LEVIT.NORM not in (None, *levit.NORMS):
+        bad("MODEL.PVT_D2.LEVIT.NORM", f"use {_one_of(levit.NORMS)} (None: the model's own)")
     if cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM not in (None, True, False):
         bad("MODEL.PVT_D2.TWINS.EXTRA_NORM", "use None (the variant's default), True or False")
     windows = list(cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES)

@@ -64,14 +64,10 @@ def _lazy_backbone(cfg, backbone):
     from detectron2.modeling.backbone import FPN
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-    from .modeling.backbone.registry import LastLevelP6P7FromC5, get_arch
+    from .modeling.backbone.registry import LastLevelP6P7FromC5, backbone_kwargs_from_cfg
 
-    spec = get_arch(cfg.MODEL.PVT_D2.ARCH)
-    common = dict(in_chans=len(cfg.MODEL.PIXEL_MEAN), out_features=list(cfg.MODEL.PVT_D2.OUT_FEATURES),
-                  drop_path_rate=cfg.MODEL.PVT_D2.DROP_PATH_RATE, output_norm=cfg.MODEL.PVT_D2.OUTPUT_NORM,
-                  freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-    family = spec.model_cls.from_config(cfg) if hasattr(spec.model_cls, "from_config") else {}
-    bottom_up = L(spec.model_cls)(**{**spec.kwargs, **common, **family})
+    model_cls, kwargs = backbone_kwargs_from_cfg(cfg, len(cfg.MODEL.PIXEL_MEAN))
+    bottom_up = L(model_cls)(**kwargs)
     name = cfg.MODEL.BACKBONE.NAME
     if name == "build_pvt_d2_backbone":
         return bottom_up

@@ -7,7 +7,7 @@ builders at the bottom of this file (``MODEL.BACKBONE.NAME``) turn the config
 into the plain backbone, an FPN (P2-P6) or a RetinaNet FPN (P3-P7).
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
@@ -21,6 +21,7 @@ __all__ = [
     "get_arch",
     "list_architectures",
     "create_backbone",
+    "backbone_kwargs_from_cfg",
     "build_pvt_d2_backbone",
     "build_pvt_d2_fpn_backbone",
     "build_pvt_d2_retinanet_fpn_backbone",
@@ -46,8 +47,9 @@ def register_architectures(family: str, model_cls: Type, archs: Dict[str, Dict[s
 
     Args:
         family: family name (``"pvt"``, ``"pvt_v2"``, ``"twins"``, ...).
-        model_cls: a :class:`PyramidBackbone` subclass with a ``from_config``
-            classmethod returning its config-dependent keyword arguments.
+        model_cls: a :class:`PyramidBackbone` subclass, optionally with a
+            ``family_kwargs_from_cfg(cfg)`` classmethod returning the keyword
+            arguments of its family's ``MODEL.PVT_D2.<FAMILY>`` keys (None = unset).
         archs: variant name to constructor keyword arguments.
     """
     for name, kwargs in archs.items():
@@ -83,18 +85,31 @@ def create_backbone(name: str, **kwargs):
     return spec.model_cls(**{**spec.kwargs, **kwargs}).set_act_checkpoint(act_checkpoint)
 
 
-def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
+def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
+    """``(model class, constructor arguments)`` of the backbone that ``cfg`` describes.
+
+    The variant's own arguments, overridden only by the ``MODEL.PVT_D2`` keys
+    that are set: a key left at ``None`` (``DROP_PATH_RATE``, the family
+    options returned by the class's ``family_kwargs_from_cfg``) keeps the
+    variant's value.
+    """
     spec = get_arch(cfg.MODEL.PVT_D2.ARCH)
-    common = dict(
-        in_chans=input_shape.channels,
-        out_features=list(cfg.MODEL.PVT_D2.OUT_FEATURES),
-        drop_path_rate=cfg.MODEL.PVT_D2.DROP_PATH_RATE,
-        output_norm=cfg.MODEL.PVT_D2.OUTPUT_NORM,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-    )
-    family = spec.model_cls.from_config(cfg) if hasattr(spec.model_cls, "from_config") else {}
-    model = spec.model_cls(**{**spec.kwargs, **common, **family})
-    return model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    kwargs = dict(spec.kwargs)
+    kwargs.update(in_chans=in_chans, out_features=list(cfg.MODEL.PVT_D2.OUT_FEATURES),
+                  output_norm=cfg.MODEL.PVT_D2.OUTPUT_NORM, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    if cfg.MODEL.PVT_D2.DROP_PATH_RATE is not None:
+        kwargs["drop_path_rate"] = cfg.MODEL.PVT_D2.DROP_PATH_RATE
+    family_kwargs = getattr(spec.model_cls, "family_kwargs_from_cfg", None)
+    if family_kwargs is None:  # the name before issue 16, until every family file is renamed
+        family_kwargs = getattr(spec.model_cls, "from_config", None)
+    if family_kwargs is not None:
+        kwargs.update({k: v for k, v in family_kwargs(cfg).items() if v is not None})
+    return spec.model_cls, kwargs
+
+
+def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
+    model_cls, kwargs = backbone_kwargs_from_cfg(cfg, input_shape.channels)
+    return model_cls(**kwargs).set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
 
 
 @BACKBONE_REGISTRY.register()
