@@ -50,6 +50,12 @@ Any input size (the rule)
       has the convolutions of the ImageNet model, so its weights always load.
     * Padding masks are computed once per grid size (a small per-stage cache);
       relative position indices are fixed buffers.
+    * Speed: the attention is two matmuls around a softmax (timm's
+      formulation; SDPA's generic CPU path taken with a float mask guards
+      against fully masked rows, which cannot occur here), with the bias
+      added in place in inference; the gathered bias of a small window is
+      cached in inference; the MLP's GELU and the residual sums run in
+      place in inference.
     * Export: while :func:`torch.jit.trace` / :func:`torch.export.export`
       records the model, the caches are bypassed (the resized bias table and
       the padding mask are computed in the graph), the window padding and the
@@ -82,11 +88,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp, SEModule, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, LayerScale, SEModule, calculate_drop_path_rates, trunc_normal_
 from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block
-from .layers import LayerNorm2d, is_tracing, pad_to_multiple, window_partition
+from .layers import LayerNorm2d, Mlp, inference_inplace, is_tracing, pad_to_multiple, residual_add, window_partition
 from .registry import register_architectures
 
 __all__ = [
@@ -258,6 +264,8 @@ class RelativePositionBias(nn.Module):
         num_heads: attention heads.
     """
 
+    LOOKUP_CACHE_MAX_NUMEL = 1 << 19
+
     def __init__(self, window_size: int, pretrain_window_size: int, num_heads: int):
         super().__init__()
         self.window_size = window_size
@@ -269,6 +277,8 @@ class RelativePositionBias(nn.Module):
                              persistent=False)
         self._cache_key: Optional[tuple] = None
         self._cache: Optional[torch.Tensor] = None
+        self._lookup_key: Optional[tuple] = None
+        self._lookup: Optional[torch.Tensor] = None
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _resize(self, table: torch.Tensor) -> torch.Tensor:
@@ -293,11 +303,31 @@ class RelativePositionBias(nn.Module):
             self._cache_key = key
         return self._cache
 
-    def forward(self) -> torch.Tensor:
-        """The ``(heads, N, N)`` additive attention bias, ``N = window_size**2``."""
+    def lookup(self) -> torch.Tensor:
+        """The ``(heads, N, N)`` bias gathered from :meth:`resized_table` (uncached)."""
         n = self.window_size * self.window_size
         table = self.resized_table().t().contiguous()
         return table[:, self.relative_position_index].view(self.num_heads, n, n)
+
+    def forward(self) -> torch.Tensor:
+        """The ``(heads, N, N)`` additive attention bias, ``N = window_size**2``.
+
+        In inference (no gradient needed, nothing recorded) a lookup of at most
+        :attr:`LOOKUP_CACHE_MAX_NUMEL` values is kept, keyed like the resized
+        table, so the ImageNet windows (at most ``8 * 196**2`` values per
+        block) do not gather again per call; larger ones (detection windows)
+        are gathered per call, as timm does.
+        """
+        table = self.relative_position_bias_table
+        if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
+            return self.lookup()
+        if self.num_heads * self.window_size ** 4 > self.LOOKUP_CACHE_MAX_NUMEL:
+            return self.lookup()
+        key = (table.device, table.dtype, table.data_ptr(), table._version, self.relative_position_index.device)
+        if self._lookup_key != key:
+            self._lookup = self.lookup().detach()
+            self._lookup_key = key
+        return self._lookup
 
 
 class GlobalContextAttention(nn.Module):
@@ -351,22 +381,22 @@ class GlobalContextAttention(nn.Module):
             if q_global is None:
                 raise ValueError("global-query attention needs q_global")
             k, v = self.qkv(x).view(b, nw, n, 2, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
-            q = q_global.reshape(b, 1, n, heads, hd).transpose(2, 3).expand(b, nw, heads, n, hd)
+            q = q_global.reshape(b, 1, n, heads, hd).transpose(2, 3)  # broadcast over the windows
         else:
             q, k, v = self.qkv(x).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = self.rel_pos().to(q.dtype)
-        dropout = self.attn_drop if self.training else 0.0
-        if key_padding is None:
-            # (B * nW, heads, N, N) batches with one shared bias: the fused kernels apply.
-            out = F.scaled_dot_product_attention(
-                q.reshape(b * nw, heads, n, hd), k.reshape(b * nw, heads, n, hd), v.reshape(b * nw, heads, n, hd),
-                attn_mask=bias, dropout_p=dropout, scale=self.scale)
-            out = out.view(b, nw, heads, n, hd)
-        else:
-            # The mask differs per window but not per image: broadcast it over the batch dimension.
-            mask = bias.masked_fill(key_padding[:, None, None, :], float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
-        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        # Two matmuls around a softmax, as timm: SDPA's generic CPU path (taken with a float mask)
+        # adds guards against fully masked rows, which cannot occur here (every window holds a real key).
+        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, nW, heads, N, N)
+        bias = self.rel_pos().to(attn.dtype)
+        inplace = inference_inplace(attn)
+        attn = attn.add_(bias) if inplace else attn + bias
+        if key_padding is not None:  # per window, shared by the images of the batch
+            padded = key_padding[:, None, None, :]
+            attn = attn.masked_fill_(padded, float("-inf")) if inplace else attn.masked_fill(padded, float("-inf"))
+        attn = attn.softmax(dim=-1)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop)
+        out = torch.matmul(attn, v).transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(out))
 
 
@@ -401,7 +431,7 @@ class GCViTBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # timm's keys (fc1, fc2); GELU in place in inference
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -421,8 +451,8 @@ class GCViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Args: ``x`` ``(B, H, W, C)``; ``q_global`` ``(B, N, C)``; ``key_padding`` ``(num_windows, N)`` or None."""
-        x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), q_global, key_padding)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = residual_add(x, self.drop_path1(self.ls1(self._attention(self.norm1(x), q_global, key_padding))))
+        return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
 class GCViTStage(nn.Module):
