@@ -36,16 +36,14 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401  (registers the backbones)
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.utils.analysis import build_backbone, build_detector, find_pyramid_backbone, parse_size  # noqa: E402
+from pvt_d2.checkpoint import bottom_up_backbone
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.utils.analysis import build_backbone, build_detector, parse_size
 
 FORMATS = ("torchscript", "export", "onnx")
 EXTENSIONS = {"torchscript": "ts", "export": "pt2", "onnx": "onnx"}
@@ -256,7 +254,7 @@ def build(cfg, what: str) -> nn.Module:
         from pvt_d2.checkpoint import AtomicCheckpointer
 
         AtomicCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
-    return model if what == "detector" else find_pyramid_backbone(model).eval()
+    return model if what == "detector" else bottom_up_backbone(model).eval()
 
 
 def main(argv=None) -> int:
