@@ -75,7 +75,8 @@ def _clamp_min_zero(v):
     return torch.sym_max(v, 0)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool = False) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int,
+                    channels_last: bool = False) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Zero-pad the bottom/right of a feature map so both sides divide ``multiple``.
 
     Args:
@@ -248,9 +249,15 @@ class SpatialReductionAttention(nn.Module):
             y = tokens_to_map(x, hw)
             if self.nchw_conv:
                 y = y.contiguous()
-            pad_h, pad_w = _clamp_min_zero(self.sr_ratio - hw[0]), _clamp_min_zero(self.sr_ratio - hw[1])
-            if is_tracing() or pad_h or pad_w:
-                y = F.pad(y, (0, pad_w, 0, pad_h))
+            if torch.compiler.is_compiling():
+                # torch.export / compile: symbolic sizes; the program asserts at run
+                # time that the grid is not smaller than one reduction cell.
+                torch._check(hw[0] >= self.sr_ratio)
+                torch._check(hw[1] >= self.sr_ratio)
+            else:
+                pad_h, pad_w = _clamp_min_zero(self.sr_ratio - hw[0]), _clamp_min_zero(self.sr_ratio - hw[1])
+                if torch.jit.is_tracing() or pad_h or pad_w:
+                    y = F.pad(y, (0, pad_w, 0, pad_h))
             return self.norm(map_to_tokens(self.sr(y)))
         return x
 
