@@ -119,15 +119,18 @@ class Predictor:
         CheckpointError: missing, unreadable or unsafe weights file, or weights of another model.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, amp: str = "fp32"):
         from detectron2.data import transforms as T
         from detectron2.modeling import build_model
+
+        from pvt_d2.utils.precision import autocast_backbone
 
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(self.model, strict=True, run_info=run_info_from_config(cfg)).resume_or_load(
                 cfg.MODEL.WEIGHTS, resume=False)
+        autocast_backbone(self.model, amp)  # --amp: backbone under autocast, heads and post-processing float32
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
@@ -143,10 +146,10 @@ class Predictor:
 class Demo:
     """A :class:`Predictor` plus drawing; ``run_image`` / ``run_video`` write the results."""
 
-    def __init__(self, cfg, threshold: float):
+    def __init__(self, cfg, threshold: float, amp: str = "fp32"):
         if not cfg.MODEL.WEIGHTS:
             logger.warning("MODEL.WEIGHTS is empty: the model has random weights and its detections are noise.")
-        self.predictor = Predictor(cfg)
+        self.predictor = Predictor(cfg, amp)
         self.metadata = dataset_metadata(cfg)
         self.threshold = threshold
 
@@ -265,6 +268,10 @@ def get_parser():
                              "class names are drawn and whose class count sizes the model")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace result files that exist already in --output (never the inputs)")
+    parser.add_argument("--amp", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="precision of the backbone (autocast; heads and post-processing stay fp32): bf16 "
+                             "on a CPU with AVX512-BF16/AMX or a GPU, fp16 on a GPU; falls back to fp32 with a "
+                             "warning where unsupported (default fp32)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -309,7 +316,7 @@ def main(argv=None) -> int:
         return 2
 
     try:
-        demo = Demo(cfg, args.confidence_threshold)
+        demo = Demo(cfg, args.confidence_threshold, args.amp)
     except CheckpointError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2

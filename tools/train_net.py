@@ -36,6 +36,7 @@ from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output
 from pvt_d2.checkpoint import CheckpointError
 from pvt_d2.checkpoint.download import prefetch_pretrained
 from pvt_d2.engine.trainer import NonFiniteLossError
+from pvt_d2.utils.precision import autocast_backbone
 
 # Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
@@ -75,6 +76,7 @@ def main(args):
                                   "checkpoint to --resume from in OUTPUT_DIR), so it would evaluate a randomly "
                                   "initialised model. Pass MODEL.WEIGHTS path/to/model_final.pth.")
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        autocast_backbone(model, args.amp)  # --amp: backbone under autocast; heads, post-processing in fp32
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -110,6 +112,8 @@ def check_args(args) -> None:
     cfg = load_config(args.config_file, args.opts)
     setup_custom_datasets(cfg, args.dataset, args.opts, require_used=True)
     world_size = args.num_gpus * args.num_machines
+    if args.amp != "fp32" and not args.eval_only:
+        raise ConfigError(f"--amp {args.amp} applies to --eval-only; training uses SOLVER.AMP.ENABLED (on GPUs)")
     if not args.eval_only and cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a multiple of the number of "
                           f"processes ({world_size} = --num-gpus x --num-machines) so that each gets the same "
@@ -127,6 +131,10 @@ def get_parser():
                         help="declare a dataset (repeatable): NAME=annotations.json:images (COCO json) or "
                              "NAME=VOCfolder[:SPLIT] (Pascal VOC); name it in DATASETS.TRAIN / DATASETS.TEST. "
                              "The number of classes is taken from the training set.")
+    parser.add_argument("--amp", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="with --eval-only: run the backbone under autocast in this precision (heads and "
+                             "post-processing stay fp32); bf16 needs a CPU with AVX512-BF16/AMX or a GPU, else "
+                             "falls back to fp32 with a warning (default fp32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in an OUTPUT_DIR that holds another run's checkpoints, replacing "
                              "them (without it, such a folder is refused unless --resume)")

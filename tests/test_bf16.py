@@ -1,0 +1,142 @@
+"""``--amp fp32|fp16|bf16`` (pvt_d2/utils/precision.py, tools) and ``tools/benchmark.py --what train``."""
+import re
+
+import pytest
+import torch
+
+from pvt_d2.utils import precision
+from pvt_d2.utils.precision import AutocastBackbone, autocast_backbone, resolve_amp
+from conftest import tiny_train_cfg
+
+NATIVE_BF16 = precision.cpu_supports_bf16()
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """A CPU without AVX512-BF16 / AMX."""
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+
+
+def test_resolve_amp_choices():
+    assert resolve_amp("fp32", "cpu") == (None, "")
+    with pytest.raises(ValueError, match="--amp must be one of fp32, fp16, bf16, auto, got 'int8'"):
+        resolve_amp("int8", "cpu")
+    dtype, note = resolve_amp("bf16", "cpu")
+    assert (dtype, note == "") == ((torch.bfloat16, True) if NATIVE_BF16 else (None, False))
+    assert resolve_amp("auto", "cpu") == resolve_amp("bf16", "cpu")
+
+
+def test_bf16_falls_back_without_native_support(no_native_bf16):
+    dtype, note = resolve_amp("bf16", "cpu")
+    assert dtype is None
+    assert "no native bfloat16 (AVX512-BF16 or AMX)" in note and "running in float32" in note
+
+
+def _tiny_detector(tmp_path):
+    from pvt_d2.utils.analysis import build_detector
+
+    cfg = tiny_train_cfg("mask_rcnn_pvt_v2_b0.yaml", str(tmp_path))
+    torch.manual_seed(0)
+    return build_detector(cfg, "cpu")
+
+
+def _detect(model):
+    image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        return model([{"image": image, "height": 96, "width": 128}])[0]["instances"]
+
+
+def test_autocast_backbone_outputs_are_float32(tmp_path):
+    model = _tiny_detector(tmp_path)
+    model.roi_heads.box_predictor.test_score_thresh = 0.0  # random weights: keep every detection
+    ref = _detect(model)
+    trunk_dtypes = []
+    model.backbone.bottom_up.register_forward_hook(lambda m, i, o: trunk_dtypes.append(o["res5"].dtype))
+    dtype = autocast_backbone(model, "bf16")
+    assert isinstance(model.backbone, AutocastBackbone) and model.backbone.size_divisibility == 32
+    out = _detect(model)
+    assert trunk_dtypes == [torch.bfloat16 if NATIVE_BF16 else torch.float32]
+    assert dtype == (torch.bfloat16 if NATIVE_BF16 else None)
+    assert len(out) > 0 and len(ref) > 0
+    assert out.pred_boxes.tensor.dtype == torch.float32
+    assert out.scores.dtype == torch.float32
+    assert out.pred_masks.dtype in (torch.bool, torch.float32)
+    features = model.backbone(torch.rand(1, 3, 96, 128))
+    assert all(v.dtype == torch.float32 for v in features.values())
+
+
+def test_autocast_backbone_falls_back_to_float32(tmp_path, no_native_bf16, caplog):
+    model = _tiny_detector(tmp_path)
+    backbone = model.backbone
+    assert autocast_backbone(model, "bf16") is None
+    assert model.backbone is backbone
+    assert "running in float32" in caplog.text
+
+
+def _benchmark_main(argv, capsys):
+    from tools import benchmark
+
+    rc = benchmark.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_benchmark_backbone_amp_bf16(capsys):
+    rc, out, err = _benchmark_main(["--config-file", "configs/mask_rcnn_pvt_v2_b0.yaml", "--device", "cpu",
+                                    "--what", "backbone", "--amp", "bf16", "--size", "64x48", "--iters", "1",
+                                    "--warmup", "0", "--opts", "MODEL.PVT_D2.PRETRAINED", ""], capsys)
+    assert rc == 0
+    if NATIVE_BF16:
+        assert "backbone [bfloat16 autocast]:" in out
+    else:
+        assert "WARNING: --amp bf16" in err and "backbone:" in out
+
+
+def test_benchmark_amp_falls_back_with_warning(capsys, no_native_bf16):
+    rc, out, err = _benchmark_main(["--config-file", "configs/mask_rcnn_pvt_v2_b0.yaml", "--device", "cpu",
+                                    "--what", "backbone", "--amp", "bf16", "--size", "64x48", "--iters", "1",
+                                    "--warmup", "0", "--opts", "MODEL.PVT_D2.PRETRAINED", ""], capsys)
+    assert rc == 0
+    assert "WARNING: --amp bf16: this CPU has no native bfloat16" in err
+    assert re.search(r"^backbone: [\d.]+ ms/iter", out, re.M)
+
+
+@pytest.mark.slow
+def test_benchmark_train_throughput(tmp_path, capsys):
+    cfg = tiny_train_cfg("mask_rcnn_pvt_v2_b0.yaml", str(tmp_path))
+    opts = ["DATASETS.TRAIN", "('synthetic_train',)", "MODEL.ROI_HEADS.NUM_CLASSES", "4",
+            "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+            "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.PVT_D2.PRETRAINED", "",
+            "OUTPUT_DIR", cfg.OUTPUT_DIR]
+    rc, out, err = _benchmark_main(["--config-file", "configs/mask_rcnn_pvt_v2_b0.yaml", "--device", "cpu",
+                                    "--what", "train", "--iters", "2", "--warmup", "1",
+                                    "--json", str(tmp_path / "train.json"), "--opts"] + opts, capsys)
+    assert rc == 0, err
+    assert "training, 2 images per iteration, float32" in out
+    rates = re.findall(r"data loading (excluded|included).*: ([\d.]+) iter/s, ([\d.]+) img/s", out)
+    assert [r[0] for r in rates] == ["excluded", "included"]
+    for _, its, ims in rates:
+        assert float(its) > 0 and float(ims) == pytest.approx(2 * float(its), rel=0.02)
+    import json
+
+    saved = json.loads((tmp_path / "train.json").read_text())["train"]
+    assert len(saved["fixed_batch"]["times_s"]) == 2 and len(saved["with_loader"]["times_s"]) == 2
+
+
+def test_benchmark_train_unknown_dataset_is_one_error_line(capsys):
+    rc, out, err = _benchmark_main(["--config-file", "configs/mask_rcnn_pvt_v2_b0.yaml", "--device", "cpu",
+                                    "--what", "train", "--iters", "1", "--opts", "DATASETS.TRAIN",
+                                    "('no_such_dataset',)", "MODEL.PVT_D2.PRETRAINED", ""], capsys)
+    assert rc == 2
+    assert err.startswith("ERROR: ") and "no_such_dataset" in err
+
+
+def test_train_net_amp_needs_eval_only(tmp_path, capsys):
+    from tools import train_net
+
+    rc = train_net.cli(["--config-file", "configs/quickstart_pvt_v2_b0.yaml", "--amp", "bf16",
+                        "OUTPUT_DIR", str(tmp_path / "out")])
+    assert rc == 2
+    assert "ERROR: --amp bf16 applies to --eval-only" in capsys.readouterr().err
