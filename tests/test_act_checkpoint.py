@@ -75,7 +75,7 @@ def test_gradients_equal_with_and_without_checkpointing(name, side, drop_path):
         torch.testing.assert_close(out[k], ref_out[k], rtol=0, atol=1e-12)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_drop_path_draws_differ_between_seeds_but_not_on_recompute():

@@ -324,7 +324,7 @@ def test_lock_stops_a_second_live_run_and_stale_locks_are_taken_over(tmp_path, c
     finally:
         sleeper.kill()
         sleeper.wait()
-    with OutputDirLock(str(tmp_path)) as lock:  # the sleeper is dead now: stale
+    with OutputDirLock(str(tmp_path)):  # the sleeper is dead now: stale
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
         with pytest.raises(OutputDirError, match=f"process {os.getpid()}"):
             OutputDirLock(str(tmp_path)).acquire()

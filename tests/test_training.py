@@ -65,7 +65,7 @@ def test_full_model_gradient_clipping():
 def test_eval_only_produces_coco_metrics(dataset_root, tmp_path):
     from detectron2.modeling import build_model
 
-    from pvt_d2.engine import AtomicCheckpointer, Trainer
+    from pvt_d2.engine import AtomicCheckpointer
 
     cfg = tiny_train_cfg("mask_rcnn_pvt_v2_b0.yaml", str(tmp_path))
     cfg.freeze()

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_d2.modeling.backbone import create_backbone
+from pvt_d2.modeling.backbone.layers import CLASSIFIER_KEY_PREFIXES, drop_classifier_keys
 from pvt_d2.modeling.backbone.vip import (
-    CLASSIFIER_KEY_PREFIXES,
     PermutatorBlock,
     VisionPermutator,
     WeightedPermuteMLP,
-    drop_classifier_keys,
     mix_in_windows,
 )
 

@@ -23,6 +23,17 @@ from .registry import (
     register_architectures,
 )
 
+__all__ = [
+    "PyramidBackbone",
+    "build_pvt_d2_backbone",
+    "build_pvt_d2_fpn_backbone",
+    "build_pvt_d2_retinanet_fpn_backbone",
+    "create_backbone",
+    "get_arch",
+    "list_architectures",
+    "register_architectures",
+]
+
 # Family modules register their variants on import. A family whose file is not
 # present yet is simply absent from the registry.
 for _family in ("pvt", "pvt_v2", "twins", "gcvit", "levit", "vip"):

@@ -623,7 +623,7 @@ class GCViT(PyramidBackbone):
             self.first_generation_queries = False
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def family_kwargs_from_cfg(cls, cfg) -> Dict:
         """``MODEL.PVT_D2.GCVIT.WINDOW_SIZES``: four window sides, or ``[]`` for the ImageNet windows."""
         windows = list(cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES)
         return {"window_sizes": windows or None}

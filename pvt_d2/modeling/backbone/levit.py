@@ -52,7 +52,8 @@ function; the state dict never changes).
 Speed: in inference the gathered attention biases are cached per grid (small
 LRU per layer), the attention is two matmuls around a softmax with the biases
 added in place (timm's formulation, bit-identical to it), and the returned
-``res4``-``res6`` maps are channels-last views of the token maps (no copy). Module names follow timm's linear ``levit_*`` models;
+``res4``-``res6`` maps are channels-last views of the token maps (no copy).
+Module names follow timm's linear ``levit_*`` models;
 their checkpoints load after dropping ``head.*`` and ``head_dist.*``.
 """
 import functools
@@ -784,7 +785,7 @@ class LevitBackbone(PyramidBackbone):
         return self
 
     @classmethod
-    def from_config(cls, cfg) -> Dict[str, str]:
+    def family_kwargs_from_cfg(cls, cfg) -> Dict[str, str]:
         """``attn_mode`` and ``norm`` from ``MODEL.PVT_D2.LEVIT``."""
         return {"attn_mode": cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE, "norm": cfg.MODEL.PVT_D2.LEVIT.NORM}
 

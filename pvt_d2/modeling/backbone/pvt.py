@@ -24,7 +24,15 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block
-from .layers import Mlp, PatchEmbed, SpatialReductionAttention, init_weights, residual_add, resize_pos_embed, tokens_to_map
+from .layers import (
+    Mlp,
+    PatchEmbed,
+    SpatialReductionAttention,
+    init_weights,
+    residual_add,
+    resize_pos_embed,
+    tokens_to_map,
+)
 from .registry import register_architectures
 
 __all__ = ["Mlp", "PVTBlock", "PyramidVisionTransformer", "drop_path_rates"]

@@ -100,8 +100,6 @@ def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
     if cfg.MODEL.PVT_D2.DROP_PATH_RATE is not None:
         kwargs["drop_path_rate"] = cfg.MODEL.PVT_D2.DROP_PATH_RATE
     family_kwargs = getattr(spec.model_cls, "family_kwargs_from_cfg", None)
-    if family_kwargs is None:  # the name before issue 16, until every family file is renamed
-        family_kwargs = getattr(spec.model_cls, "from_config", None)
     if family_kwargs is not None:
         kwargs.update({k: v for k, v in family_kwargs(cfg).items() if v is not None})
     return spec.model_cls, kwargs

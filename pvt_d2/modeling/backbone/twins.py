@@ -36,7 +36,7 @@ models, which floor instead of pad.
 
 Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
-(``norm.*`` and ``head.*``, see :func:`drop_classifier_keys`) are removed.
+(``norm.*`` and ``head.*``, see :func:`~.layers.drop_classifier_keys`) are removed.
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -48,8 +48,6 @@ from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block
 from .layers import (
-    CLASSIFIER_KEY_PREFIXES,
-    drop_classifier_keys,
     Mlp,
     PatchEmbed,
     SpatialReductionAttention,
@@ -68,8 +66,6 @@ __all__ = [
     "LocallyGroupedAttention",
     "PositionEncodingGenerator",
     "TwinsBlock",
-    "drop_classifier_keys",
-    "CLASSIFIER_KEY_PREFIXES",
 ]
 
 
@@ -270,7 +266,7 @@ class Twins(PyramidBackbone):
         return self.window_sizes[stage]
 
     @classmethod
-    def from_config(cls, cfg) -> dict:
+    def family_kwargs_from_cfg(cls, cfg) -> dict:
         """Family options from ``MODEL.PVT_D2.TWINS``.
 
         ``EXTRA_NORM``: ``None`` keeps the variant's default (on for SVT, off

@@ -61,7 +61,7 @@ trunk on an already-resampled image (e.g. a 224 px ImageNet crop).
 Parameter names follow the official code (``patch_embed.proj``,
 ``network.<i>.<j>.attn.mlp_h`` ..., ``network.<i>.proj`` for the
 downsampling), so an official checkpoint loads after dropping the classifier
-entries ``norm.*`` and ``head.*`` (:func:`drop_classifier_keys`).
+entries ``norm.*`` and ``head.*`` (:func:`~.layers.drop_classifier_keys`).
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,9 +73,7 @@ from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block
 from .layers import (
-    CLASSIFIER_KEY_PREFIXES,
     LayerNorm2d,
-    drop_classifier_keys,
     init_weights,
     is_tracing,
     pad_to_multiple,
@@ -91,8 +89,6 @@ __all__ = [
     "UpsampleNeck",
     "DownsampleNeck",
     "mix_in_windows",
-    "drop_classifier_keys",
-    "CLASSIFIER_KEY_PREFIXES",
 ]
 
 
