@@ -20,17 +20,47 @@ BatchNorm layers in training mode would update their running statistics a
 second time during recomputation; no checkpointed block of pvt_d2 has one in
 training mode by default (LeViT's default norm is frozen).
 """
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
+from timm.layers import calculate_drop_path_rates
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import LayerNorm2d
 
-__all__ = ["PyramidBackbone", "DEFAULT_OUT_FEATURES", "checkpoint_block"]
+__all__ = [
+    "PyramidBackbone",
+    "LEVEL_NAMES",
+    "LEVEL_STRIDES",
+    "DEFAULT_OUT_FEATURES",
+    "checkpoint_block",
+    "drop_path_rates",
+]
+
+#: The pyramid levels, finest first, named as detectron2's ResNet names them:
+#: ``res{k}`` has stride ``2 ** k``.
+LEVEL_NAMES = ("res2", "res3", "res4", "res5", "res6")
+LEVEL_STRIDES = {name: 2 ** int(name[3:]) for name in LEVEL_NAMES}
+#: The levels a backbone returns unless told otherwise (strides 4 to 32).
+DEFAULT_OUT_FEATURES = LEVEL_NAMES[:4]
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic-depth rate of every residual block, split by stage.
+
+    The rate rises linearly from 0 at the first block to ``drop_path_rate`` at
+    the last one, counted over all blocks of all stages (float32
+    ``torch.linspace`` on the CPU, so building on the meta device works too);
+    this is timm's ``calculate_drop_path_rates(..., stagewise=True)``.
+
+    Args:
+        drop_path_rate: rate of the last block.
+        depths: number of residual blocks of each stage.
+    """
+    return calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
 
 
 def checkpoint_block(block: nn.Module, *args, **kwargs):
@@ -43,8 +73,6 @@ def checkpoint_block(block: nn.Module, *args, **kwargs):
     if getattr(block, "act_checkpoint", False) and block.training and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False, **kwargs)
     return block(*args, **kwargs)
-
-DEFAULT_OUT_FEATURES = ("res2", "res3", "res4", "res5")
 
 
 class PyramidBackbone(Backbone):
@@ -96,20 +124,25 @@ class PyramidBackbone(Backbone):
                 module.act_checkpoint = bool(enabled)
         return self
 
-    def _init_pyramid(self, channels: Dict[str, int], strides: Dict[str, int],
+    def _init_pyramid(self, channels: Union[Mapping[str, int], Sequence[int]],
+                      strides: Optional[Mapping[str, int]] = None,
                       out_features: Optional[Sequence[str]] = None, output_norm: bool = False,
                       freeze_at: int = 0, min_input_size: int = 1) -> None:
         """Record the pyramid description and apply the user options.
 
         Args:
-            channels: channels of every level the model can produce, by name.
-            strides: stride of every level, by name.
+            channels: channels of every level the model can produce, by name,
+                or as a sequence for the levels from ``res2`` on.
+            strides: stride of every level, by name (default :data:`LEVEL_STRIDES`).
             out_features: levels to return (default ``res2``-``res5``).
             output_norm: add a LayerNorm on each returned level.
             freeze_at: 0 trains everything; 1 freezes the stem / patch
                 embedding; ``k >= 2`` also freezes the stages up to ``res{k}``.
             min_input_size: smallest image side the model accepts.
         """
+        if not isinstance(channels, Mapping):
+            channels = dict(zip(LEVEL_NAMES, channels))
+        strides = strides or LEVEL_STRIDES
         out_features = list(out_features or DEFAULT_OUT_FEATURES)
         unknown = [f for f in out_features if f not in channels]
         if unknown or not out_features:
@@ -140,6 +173,27 @@ class PyramidBackbone(Backbone):
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Compute the levels in ``needed`` (more may be returned)."""
         raise NotImplementedError
+
+    @staticmethod
+    def run_stages(x: torch.Tensor, stages: Sequence[nn.Module], needed: Sequence[str],
+                   names: Sequence[str] = LEVEL_NAMES) -> Dict[str, torch.Tensor]:
+        """Run ``stages`` one after the other up to the last level in ``needed``.
+
+        Args:
+            x: input of the first stage.
+            stages: the stages in order; stage ``i`` produces level ``names[i]``.
+            needed: the levels asked for.
+            names: the level of each stage (default ``res2``, ``res3``, ...).
+
+        Returns:
+            the output of every stage run, by level name.
+        """
+        last = max(names.index(n) for n in needed)
+        out = {}
+        for name, stage in zip(names[:last + 1], stages):
+            x = stage(x)
+            out[name] = x
+        return out
 
     def _freeze(self) -> None:
         if self._freeze_at <= 0:

@@ -88,10 +88,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, SEModule, calculate_drop_path_rates, trunc_normal_
+from timm.layers import DropPath, LayerScale, SEModule, trunc_normal_
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import LayerNorm2d, Mlp, inference_inplace, is_tracing, pad_to_multiple, residual_add, window_partition
 from .registry import register_architectures
 
@@ -106,8 +106,7 @@ __all__ = [
     "IMAGENET_WINDOW_SIZES",
 ]
 
-STAGE_NAMES = ("res2", "res3", "res4", "res5")
-STAGE_STRIDES = (4, 8, 16, 32)
+STAGE_STRIDES = tuple(LEVEL_STRIDES[name] for name in LEVEL_NAMES[:4])
 IMAGENET_WINDOW_SIZES = (7, 7, 14, 7)
 NOMINAL_IMAGE_SIZE = 224
 #: State-dict entry (relative to the backbone) marking weights of the first-generation official code.
@@ -578,7 +577,7 @@ class GCViT(PyramidBackbone):
         self.pool_steps = global_query_pool_steps(window_sizes)
         query_convs = tuple(max(1, s) for s in global_query_pool_steps(pretrain_window_sizes))
         dims = [embed_dim * 2 ** i for i in range(4)]
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        dpr = drop_path_rates(drop_path_rate, depths)
 
         self.stem = Stem(in_chans, embed_dim)
         self.stages = nn.Sequential(*[
@@ -590,10 +589,8 @@ class GCViT(PyramidBackbone):
                 layer_scale=layer_scale, drop_path=dpr[i], mask_padding=mask_padding)
             for i in range(4)
         ])
-        self._init_pyramid(
-            channels=dict(zip(STAGE_NAMES, dims)),
-            strides=dict(zip(STAGE_NAMES, STAGE_STRIDES)),
-            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at, min_input_size=1)
+        self._init_pyramid(dims, out_features=out_features, output_norm=output_norm, freeze_at=freeze_at,
+                           min_input_size=1)
 
     @property
     def first_generation_queries(self) -> bool:
@@ -632,13 +629,7 @@ class GCViT(PyramidBackbone):
         return [self.stem] + list(self.stages[:max(min(freeze_at - 1, 4), 0)])
 
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
-        last = max(STAGE_NAMES.index(n) for n in needed)
-        x = self.stem(x)
-        out = {}
-        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
-            x = stage(x)
-            out[name] = x
-        return out
+        return self.run_stages(self.stem(x), self.stages, needed)
 
 
 _SMALL = dict(depths=(3, 4, 19, 5), mlp_ratio=2.0, layer_scale=1e-5)

@@ -68,7 +68,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from timm.layers import DropPath
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import inference_inplace, is_tracing
 from .registry import register_architectures
 
@@ -83,7 +83,6 @@ __all__ = [
     "LevitBackbone",
 ]
 
-LEVEL_NAMES = ("res2", "res3", "res4", "res5", "res6")
 ATTN_MODES = ("window", "global")
 NORMS = ("FrozenBN", "BN", "SyncBN")
 
@@ -740,8 +739,9 @@ class LevitBackbone(PyramidBackbone):
         self.attn_mode = attn_mode
         self.stem = LevitStem(in_chans, embed_dims[0])
 
+        # one rate per residual branch: every block, and the shrink block starting every stage but the first
         num_branches = sum(depths) + len(depths) - 1
-        rates = iter(torch.linspace(0, drop_path_rate, num_branches).tolist())
+        rates = iter(drop_path_rates(drop_path_rate, [num_branches])[0])
         grid = math.ceil(pretrain_img_size / 16)
         stages = []
         for i, (dim, depth, heads) in enumerate(zip(embed_dims, depths, num_heads)):

@@ -23,7 +23,7 @@ import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import (
     Mlp,
     PatchEmbed,
@@ -35,19 +35,7 @@ from .layers import (
 )
 from .registry import register_architectures
 
-__all__ = ["Mlp", "PVTBlock", "PyramidVisionTransformer", "drop_path_rates"]
-
-STAGE_NAMES = ("res2", "res3", "res4", "res5")
-
-
-def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> List[List[float]]:
-    """Per-block stochastic-depth rates rising linearly from 0 to ``drop_path_rate``, split by stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-    out, start = [], 0
-    for d in depths:
-        out.append(rates[start:start + d])
-        start += d
-    return out
+__all__ = ["Mlp", "PVTBlock", "PyramidVisionTransformer"]
 
 
 class PVTBlock(nn.Module):
@@ -146,7 +134,7 @@ class PyramidVisionTransformer(PyramidBackbone):
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  out_features: Optional[Sequence[str]] = None, output_norm: bool = False, freeze_at: int = 0):
         super().__init__()
-        dpr = drop_path_rates(depths, drop_path_rate)
+        dpr = drop_path_rates(drop_path_rate, depths)
         stages, prev, stride = [], in_chans, 1
         for i in range(4):
             patch = 4 if i == 0 else 2
@@ -158,10 +146,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             prev = embed_dims[i]
         self.stages = nn.ModuleList(stages)
         self.apply(init_weights)
-        self._init_pyramid(
-            channels=dict(zip(STAGE_NAMES, embed_dims)),
-            strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),
-            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
+        self._init_pyramid(embed_dims, out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
         modules = [self.stages[0].patch_embed, self.stages[0].pos_embed]
@@ -172,12 +157,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         return modules
 
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
-        last = max(STAGE_NAMES.index(n) for n in needed)
-        out = {}
-        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
-            x = stage(x)
-            out[name] = x
-        return out
+        return self.run_stages(x, self.stages, needed)
 
 
 PVT_ARCHS = {

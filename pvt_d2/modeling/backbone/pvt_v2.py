@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import init_weights, map_to_tokens, tokens_to_map
-from .pvt import STAGE_NAMES, PVTBlock, drop_path_rates
+from .pvt import PVTBlock
 from .registry import register_architectures
 
 __all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
@@ -80,7 +80,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
                  drop_path_rate: float = 0.1, out_features: Optional[Sequence[str]] = None,
                  output_norm: bool = False, freeze_at: int = 0):
         super().__init__()
-        dpr = drop_path_rates(depths, drop_path_rate)
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.patch_embed = OverlapPatchEmbed(in_chans, embed_dims[0], 7, 4)
         stages, prev = [], embed_dims[0]
         for i in range(4):
@@ -90,10 +90,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             prev = embed_dims[i]
         self.stages = nn.ModuleList(stages)
         self.apply(init_weights)
-        self._init_pyramid(
-            channels=dict(zip(STAGE_NAMES, embed_dims)),
-            strides=dict(zip(STAGE_NAMES, (4, 8, 16, 32))),
-            out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
+        self._init_pyramid(embed_dims, out_features=out_features, output_norm=output_norm, freeze_at=freeze_at)
 
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
         modules: List[nn.Module] = [self.patch_embed]
@@ -101,13 +98,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         return modules
 
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
-        last = max(STAGE_NAMES.index(n) for n in needed)
-        x = self.patch_embed(x)
-        out = {}
-        for name, stage in zip(STAGE_NAMES[:last + 1], self.stages):
-            x = stage(x)
-            out[name] = x
-        return out
+        return self.run_stages(self.patch_embed(x), self.stages, needed)
 
 
 _B = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import (
     Mlp,
     PatchEmbed,
@@ -235,14 +235,13 @@ class Twins(PyramidBackbone):
             self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2, nchw_conv=True))
             prev_dim = dim
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.blocks = nn.ModuleList()
         for i in range(num_stages):
-            offset = sum(depths[:i])
             self.blocks.append(nn.ModuleList([
                 TwinsBlock(
                     embed_dims[i], num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i],
-                    window_size=self._window_of_block(i, j), drop_path=rates[offset + j],
+                    window_size=self._window_of_block(i, j), drop_path=dpr[i][j],
                     attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
                 for j in range(depths[i])
             ]))
@@ -252,7 +251,7 @@ class Twins(PyramidBackbone):
 
         self.apply(init_weights)
 
-        names = [f"res{i + 2}" for i in range(num_stages)]
+        names = LEVEL_NAMES[:num_stages]
         self._stage_index = {name: i for i, name in enumerate(names)}
         self._init_pyramid(
             channels=dict(zip(names, embed_dims)),
@@ -304,7 +303,7 @@ class Twins(PyramidBackbone):
             if self.norm_list is not None:
                 tokens = self.norm_list[i](tokens)
             x = tokens_to_map(tokens, hw)  # channels-last view: the next patch embedding's conv keeps it
-            feats[f"res{i + 2}"] = x
+            feats[LEVEL_NAMES[i]] = x
         return feats
 
 

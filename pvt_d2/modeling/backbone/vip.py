@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from .base import PyramidBackbone, checkpoint_block
+from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import (
     LayerNorm2d,
     init_weights,
@@ -322,7 +322,7 @@ class VisionPermutator(PyramidBackbone):
             raise ValueError(f"grid_stride {self.grid_stride} must be a power of two >= patch_size {patch_size}")
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], patch_size)
-        total = sum(layers)
+        dpr = drop_path_rates(drop_path_rate, layers)
         network: List[nn.Module] = []
         self._stage_positions: List[int] = []
         stage_strides: List[int] = []
@@ -330,7 +330,7 @@ class VisionPermutator(PyramidBackbone):
         for i in range(num_stages):
             blocks = [
                 PermutatorBlock(embed_dims[i], segment_dims[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                drop_path=drop_path_rate * (sum(layers[:i]) + j) / max(total - 1, 1),
+                                drop_path=dpr[i][j],
                                 skip_lam=skip_lam)
                 for j in range(layers[i])
             ]
@@ -343,8 +343,8 @@ class VisionPermutator(PyramidBackbone):
                 stride *= step
         self.network = nn.ModuleList(network)
 
-        names = [f"res{i + 2}" for i in range(num_stages)]
-        level_strides = {name: 4 * 2 ** i for i, name in enumerate(names)}
+        names = LEVEL_NAMES[:num_stages]
+        level_strides = {name: LEVEL_STRIDES[name] for name in names}
         #: stride of each stage's output (after resampling) and of each pyramid level
         self.stage_strides = dict(zip(names, stage_strides))
         self.level_strides = level_strides
@@ -401,11 +401,11 @@ class VisionPermutator(PyramidBackbone):
 
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
         height, width = x.shape[-2:]
-        num_stages = max(int(name[3:]) - 1 for name in needed)
+        num_stages = max(LEVEL_NAMES.index(name) for name in needed) + 1
         stages = self.forward_stages(self.resample_input(x), num_stages)
         features = {}
         for i, out in enumerate(stages):
-            name = f"res{i + 2}"
+            name = LEVEL_NAMES[i]
             stride = self.level_strides[name]
             y = self.necks[name](out.permute(0, 3, 1, 2))
             features[name] = y[..., : -(-height // stride), : -(-width // stride)]
