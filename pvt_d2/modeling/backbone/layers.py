@@ -28,6 +28,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d as _TimmLayerNorm2d
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -152,6 +153,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_hw: Tuple[int, int], dst_hw: T
                      num_prefix_tokens: int = 0, mode: str = "bilinear") -> torch.Tensor:
     """Resample a learned absolute position embedding to another token grid.
 
+    Not timm's ``resample_abs_pos_embed``: that one interpolates in float32
+    (a float64 model would lose precision), keeps the prefix tokens and resamples
+    under ``torch.jit.trace`` only when the sizes differ.
+
     Args:
         pos_embed: ``(1, num_prefix_tokens + src_h * src_w, C)``.
         src_hw: grid the embedding was learned for.
@@ -174,13 +179,15 @@ def resize_pos_embed(pos_embed: torch.Tensor, src_hw: Tuple[int, int], dst_hw: T
     return map_to_tokens(grid)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dimension of a ``(B, C, H, W)`` map."""
+class LayerNorm2d(_TimmLayerNorm2d):
+    """timm's LayerNorm over the channels of a ``(B, C, H, W)`` map, with ``nn.LayerNorm``'s default eps.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+    The default ``eps`` is 1e-5 (timm's is 1e-6), as in the official GC ViT and
+    ViP code whose norms this class stands for.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_channels, eps=eps, affine=affine)
 
 
 class SpatialReductionAttention(nn.Module):

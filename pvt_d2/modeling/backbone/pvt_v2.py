@@ -60,11 +60,8 @@ class PyramidVisionTransformerV2(PyramidBackbone):
     """PVT v2 as a detectron2 backbone producing ``res2``-``res5``.
 
     Args:
-        embed_dims: channels of the four stages.
-        depths: blocks per stage.
-        num_heads: attention heads per stage.
-        mlp_ratios: MLP expansion per stage.
-        sr_ratios: spatial-reduction ratio per stage.
+        embed_dims, depths, num_heads, mlp_ratios, sr_ratios: the four stages, as
+            in :class:`~.pvt.PyramidVisionTransformer`.
         linear: linear spatial-reduction attention ("li" variants).
         in_chans: image channels.
         drop_path_rate: stochastic depth of the last block.
