@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny training config on the synthetic set, and a temporary dataset root."""
+import logging
 import os
 
 import pytest
@@ -8,6 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 
 torch.set_num_threads(2)
+# A tool's log handler may still hold the stdout/stderr that pytest captured for an earlier test and has
+# closed since; writing to it must not print a "Logging error" traceback into a later test's stderr.
+logging.raiseExceptions = False
 
 
 @pytest.fixture(scope="session")

@@ -393,7 +393,10 @@ def test_training_run_survives_bad_and_odd_images(register, tmp_path):
     """End to end: a RetinaNet run on a dataset mixing unreadable files with odd images completes."""
     from pvt_d2.engine import Trainer
 
-    name = register(special_images() + bad_images())
+    # a NaN box stops training before it starts (DatasetError, tests/test_safety.py); the other odd boxes are dropped
+    images = [{**im, "annotations": [a for a in im["annotations"] if all(math.isfinite(v) for v in a["bbox"])]}
+              for im in special_images()]
+    name = register(images + bad_images())
     cfg = tiny_train_cfg("retinanet_pvt_v2_b0.yaml", str(tmp_path), [
         "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False",
         "SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "4", "INPUT.MIN_SIZE_TRAIN", "(64,)",

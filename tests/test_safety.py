@@ -154,7 +154,7 @@ def test_marker_pickle_never_runs_in_checkpointer_demo_convert(tmp_path, capsys)
                         "--opts", *DEMO_OPTS, "MODEL.WEIGHTS", path])
         err = capsys.readouterr().err
         assert rc == 2 and f"ERROR: Refusing to load {path}" in err and "Traceback" not in err, err
-        assert convert_main([path, str(tmp_path / f"{name}.out.pth")]) == 1
+        assert convert_main([path, str(tmp_path / f"{name}.out.pth")]) == 2
         err = capsys.readouterr().err
         assert f"ERROR: Refusing to load {path}" in err, err
     assert not marker.exists()
