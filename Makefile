@@ -11,10 +11,10 @@ quickstart: install
 	$(PY) tools/quickstart.py
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 configs:
 	$(PY) tools/generate_configs.py
