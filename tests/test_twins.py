@@ -30,7 +30,8 @@ from pvt_d2.modeling.backbone import (
     get_arch,
     list_architectures,
 )
-from pvt_d2.modeling.backbone.layers import SpatialReductionAttention, drop_classifier_keys
+from pvt_d2.modeling.backbone.key_mapping import drop_classifier_keys
+from pvt_d2.modeling.backbone.layers import SpatialReductionAttention
 from pvt_d2.modeling.backbone.twins import LocallyGroupedAttention, Twins
 
 LEVELS = ("res2", "res3", "res4", "res5")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_d2.modeling.backbone import create_backbone
-from pvt_d2.modeling.backbone.layers import CLASSIFIER_KEY_PREFIXES, drop_classifier_keys
+from pvt_d2.modeling.backbone.key_mapping import CLASSIFIER_KEY_PREFIXES, drop_classifier_keys
 from pvt_d2.modeling.backbone.vip import (
     PermutatorBlock,
     VisionPermutator,

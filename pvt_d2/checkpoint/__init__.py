@@ -1,7 +1,8 @@
 """ImageNet checkpoints (official repositories or timm) for pvt_d2 backbones.
 
 - :mod:`.io`        safe reading of ``.pth`` / ``.pth.tar`` / ``.bin`` / ``.safetensors``
-- :mod:`.mappings`  one key mapping per family and source layout, variant identification
+- the key mappings themselves live beside each model (``FamilyMapping`` at the end of every
+  family file, registered in :mod:`pvt_d2.modeling.backbone.key_mapping`)
 - :mod:`.convert`   detection, conversion, checked loading with a report, detectron2 export
 - :mod:`.sources`   the official ImageNet checkpoint (URL, cache file name) of every architecture
 - :mod:`.download`  ``MODEL.PVT_D2.PRETRAINED`` URLs downloaded once into ``$PVT_D2_CACHE``, atomically
@@ -10,6 +11,8 @@
 ``load_pretrained_backbone(model, path)`` is what ``MODEL.PVT_D2.PRETRAINED``
 runs; ``tools/convert_pretrained.py`` writes files for ``MODEL.WEIGHTS``.
 """
+from ..modeling.backbone.key_mapping import MAPPINGS, get_mapping
+from .checkpointer import AtomicCheckpointer, run_info_from_config
 from .convert import (
     ConvertedCheckpoint,
     LoadReport,
@@ -22,10 +25,8 @@ from .convert import (
     load_pretrained_backbone,
     save_for_detectron2,
 )
-from .checkpointer import AtomicCheckpointer, run_info_from_config
 from .download import WeightsDownloadError, cache_path, resolve_pretrained
 from .io import CheckpointError, atomic_torch_save, read_state_dict
-from .mappings import MAPPINGS, get_mapping
 from .sources import SOURCES, WeightSource, get_source, pretrained_url
 
 __all__ = [

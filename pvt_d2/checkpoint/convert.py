@@ -5,7 +5,7 @@ The pipeline:
 1. :func:`~.io.read_state_dict` reads the file safely (no pickle code runs)
    and unwraps nested ``model`` / ``state_dict`` / ``model_ema`` entries.
 2. :func:`detect_source` recognises family and layout (official or timm)
-   from marker keys (:mod:`.mappings`); ``family=`` / ``layout=`` override it.
+   from marker keys (each family file's ``CHECKPOINT_MAPPING``); ``family=`` / ``layout=`` override it.
 3. :func:`convert_state_dict` renames the keys to pvt_d2's and identifies the
    variant from the shapes (depths, widths, heads), giving a
    :class:`ConvertedCheckpoint`.
@@ -33,10 +33,10 @@ from torch import nn
 
 from ..modeling.backbone.base import PyramidBackbone
 from ..modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
+from ..modeling.backbone.key_mapping import MAPPINGS, FamilyMapping, get_mapping, resolved_kwargs
 from ..modeling.backbone.registry import ArchSpec, get_arch, list_architectures
 from .download import is_url, resolve_pretrained
 from .io import CheckpointError, atomic_torch_save, read_state_dict
-from .mappings import MAPPINGS, FamilyMapping, get_mapping, resolved_kwargs
 
 __all__ = [
     "ConvertedCheckpoint",
@@ -170,7 +170,7 @@ def _family_specs(family: str) -> List[ArchSpec]:
 
 
 def arch_hparams(arch: Union[str, ArchSpec]) -> Dict[str, Any]:
-    """The variant-defining numbers of a registered architecture (see :mod:`.mappings`)."""
+    """The variant-defining numbers of a registered architecture (see :mod:`pvt_d2.modeling.backbone.key_mapping`)."""
     spec = get_arch(arch) if isinstance(arch, str) else arch
     return get_mapping(spec.family).hparams_of_kwargs(resolved_kwargs(spec.model_cls, spec.kwargs))
 

@@ -83,6 +83,7 @@ First-generation official weights
     first-generation model's output at batch size 1.
 """
 import math
+import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -93,6 +94,16 @@ from torch import nn
 
 from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import LayerNorm2d, Mlp, inference_inplace, is_tracing, pad_to_multiple, residual_add, window_partition
+from .key_mapping import (
+    FamilyMapping,
+    apply_key_fn,
+    as_tuple,
+    blocks_per_stage,
+    dropping,
+    hidden_ratio,
+    register_mapping,
+    shape_at,
+)
 from .registry import register_architectures
 
 __all__ = [
@@ -641,3 +652,100 @@ GCVIT_ARCHS = {
     "gcvit_base": dict(_SMALL, embed_dim=128, num_heads=(4, 8, 16, 32)),
 }
 register_architectures("gcvit", GCViT, GCVIT_ARCHS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: NVlabs/GCVit models/gc_vit.py, and timm's gcvit (= ours)
+# ---------------------------------------------------------------------------
+#: Official Fused-MBConv (``conv`` Sequential: dw conv, GELU, SE, pw conv) -> timm's MbConvBlock.
+_OFFICIAL_MBCONV = (("conv.0.", "conv_dw."), ("conv.2.fc.0.", "se.fc1."), ("conv.2.fc.2.", "se.fc2."),
+                 ("conv.3.", "conv_pw."))
+
+
+def _mbconv_key(rest: str, prefix: str) -> Optional[str]:
+    for old, new in _OFFICIAL_MBCONV:
+        if rest.startswith(old):
+            return prefix + new + rest[len(old):]
+    return None
+
+
+def _reduce_size_key(rest: str, prefix: str) -> str:
+    """Official ReduceSize (norm1, conv, reduction, norm2) -> timm Downsample2d under ``prefix``."""
+    return _mbconv_key(rest, prefix + "conv_block.") or prefix + rest
+
+
+def _official_key(k: str) -> str:
+    """The timm / pvt_d2 name of an official GC ViT key (unknown keys unchanged)."""
+    if k.startswith("patch_embed.proj."):
+        return "stem.conv1." + k[len("patch_embed.proj."):]
+    if k.startswith("patch_embed.conv_down."):
+        return _reduce_size_key(k[len("patch_embed.conv_down."):], "stem.down.")
+    if k.startswith("norm."):
+        return "stages.3.norm." + k[len("norm."):]
+    m = re.fullmatch(r"levels\.(\d+)\.downsample\.(.+)", k)
+    if m:
+        return _reduce_size_key(m.group(2), f"stages.{int(m.group(1)) + 1}.downsample.")
+    m = re.fullmatch(r"levels\.(\d+)\.(?:q_global_gen\.)?to_q_global\.(\d+)\.(.+)", k)
+    if m:
+        prefix = f"stages.{m.group(1)}.global_block.blocks.conv{int(m.group(2)) + 1}."
+        return _mbconv_key(m.group(3), prefix) or k
+    m = re.fullmatch(r"levels\.(\d+)\.blocks\.(\d+)\.(.+)", k)
+    if m:
+        rest = {"gamma1": "ls1.gamma", "gamma2": "ls2.gamma"}.get(m.group(3), m.group(3))
+        rest = rest.replace("attn.relative_position_bias_table", "attn.rel_pos.relative_position_bias_table")
+        return f"stages.{m.group(1)}.blocks.{m.group(2)}.{rest}"
+    return k
+
+
+def convert_official(state_dict):
+    """NVlabs/GCViT names to timm's (= ours); drops head and relative_position_index buffers.
+
+    Both official generations are read: ``levels.{i}.to_q_global`` and the
+    later ``levels.{i}.q_global_gen.to_q_global``. The first generation's
+    weights only give its features with its query layout (see
+    :mod:`pvt_d2.modeling.backbone.gcvit`), so they get the
+    ``first_generation_queries`` entry, which switches the model to that
+    layout when they are loaded. The official downsampler
+    closes level ``i``; ours opens stage ``i + 1``. The SE layers are Linear
+    officially and 1x1 convs in timm. The top-level ``norm`` is the last
+    stage's norm (it produces ``res5``), so it is kept.
+    """
+
+    def key_fn(k, v):
+        if k.startswith("head.") or k.endswith("relative_position_index"):
+            return None
+        k = _official_key(k)
+        if re.search(r"\.se\.fc[12]\.weight$", k) and v.dim() == 2:
+            v = v[:, :, None, None]
+        return k, v
+
+    converted, dropped = apply_key_fn(state_dict, key_fn)
+    if any(re.match(r"levels\.\d+\.to_q_global\.", k) for k in state_dict):
+        converted[FIRST_GENERATION_QUERIES_KEY] = torch.tensor(1)
+    return converted, dropped
+
+
+def hparams_of_state_dict(sd):
+    """The variant numbers read from a pvt_d2 state dict."""
+    depths = blocks_per_stage(sd, r"stages\.(\d+)\.blocks\.(\d+)\.norm1\.weight")
+    dim = shape_at(sd, "stem.conv1.weight")
+    heads = tuple(shape_at(sd, f"stages.{i}.blocks.0.attn.rel_pos.relative_position_bias_table", axis=1)
+                  for i in range(len(depths)))
+    return {"embed_dim": dim, "depths": depths, "num_heads": heads,
+            "mlp_ratio": hidden_ratio(sd, "stages.0.blocks.0.mlp.fc1.weight", dim),
+            "layer_scale": "stages.0.blocks.0.ls1.gamma" in sd}
+
+
+def hparams_of_kwargs(kw):
+    return {"embed_dim": kw["embed_dim"], "depths": as_tuple(kw["depths"]), "num_heads": as_tuple(kw["num_heads"]),
+            "mlp_ratio": float(kw["mlp_ratio"]), "layer_scale": kw.get("layer_scale") is not None}
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "gcvit", "GC ViT",
+    markers={"official": (r"^patch_embed\.conv_down\.reduction\.weight$",
+                          r"^levels\.0\.blocks\.0\.attn\.qkv\.weight$"),
+             "timm": (r"^stem\.down\.conv_block\.conv_dw\.weight$",
+                      r"^stages\.0\.blocks\.0\.attn\.rel_pos\.relative_position_bias_table$")},
+    converters={"official": convert_official, "timm": dropping("head.")},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))

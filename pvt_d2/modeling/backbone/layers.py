@@ -24,7 +24,7 @@ model (:func:`is_tracing`): zero-width pads and same-size resizes are exact
 no-ops, and the recorded graph then follows the input size instead of baking
 in the branch taken at the example size.
 """
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,6 @@ __all__ = [
     "tokens_to_map",
     "map_to_tokens",
     "init_weights",
-    "CLASSIFIER_KEY_PREFIXES",
-    "drop_classifier_keys",
 ]
 
 
@@ -368,15 +366,3 @@ def init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
-
-#: Top-level key prefixes of an ImageNet classifier (final LayerNorm and head)
-#: that a backbone does not have, for the families whose keys otherwise match.
-CLASSIFIER_KEY_PREFIXES = ("norm.", "head.")
-
-
-def drop_classifier_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove the top-level ``norm.*`` and ``head.*`` entries of a classifier state dict.
-
-    Nested norms such as ``patch_embeds.0.norm.weight`` are kept.
-    """
-    return {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}

@@ -58,6 +58,7 @@ their checkpoints load after dropping ``head.*`` and ``head_dist.*``.
 """
 import functools
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -70,6 +71,7 @@ from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import inference_inplace, is_tracing
+from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
 from .registry import register_architectures
 
 __all__ = [
@@ -814,3 +816,102 @@ LEVIT_ARCHS = {
 }
 
 register_architectures("levit", LevitBackbone, LEVIT_ARCHS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: facebookresearch/LeViT levit.py, and timm's levit (= ours)
+# ---------------------------------------------------------------------------
+def _linear_2d(k: str, v: torch.Tensor) -> torch.Tensor:
+    """timm ``levit_conv_*`` / official ``levit_c`` store the token projections as 1x1 convs; ours are Linear."""
+    if k.endswith(".linear.weight") and not k.startswith("stem.") and v.dim() == 4 and v.shape[-2:] == (1, 1):
+        return v[:, :, 0, 0]
+    return v
+
+
+def convert_timm(state_dict):
+    """timm ``levit_*`` (and ``levit_conv_*``) to ours; drops head, head_dist and the bias index buffers."""
+
+    def key_fn(k, v):
+        if k.startswith(("head.", "head_dist.")) or k.endswith("attention_bias_idxs"):
+            return None
+        return k, _linear_2d(k, v)
+
+    return apply_key_fn(state_dict, key_fn)
+
+
+_OFFICIAL_ATTN = (("m.qkv.c.", "qkv.linear."), ("m.qkv.bn.", "qkv.bn."), ("m.proj.1.c.", "proj.ln.linear."),
+               ("m.proj.1.bn.", "proj.ln.bn."), ("m.attention_biases", "attention_biases"))
+_OFFICIAL_SHRINK = (("kv.c.", "kv.linear."), ("kv.bn.", "kv.bn."), ("q.1.c.", "q.ln.linear."), ("q.1.bn.", "q.ln.bn."),
+                 ("proj.1.c.", "proj.ln.linear."), ("proj.1.bn.", "proj.ln.bn."),
+                 ("attention_biases", "attention_biases"))
+_OFFICIAL_MLP = (("m.0.c.", "ln1.linear."), ("m.0.bn.", "ln1.bn."), ("m.2.c.", "ln2.linear."), ("m.2.bn.", "ln2.bn."))
+
+
+def _official_block_roles(state_dict) -> Dict[int, Tuple[str, Tuple[Tuple[str, str], ...]]]:
+    """For every index of the official flat ``blocks`` sequence: its pvt_d2 prefix and renaming table.
+
+    The sequence is, per stage, ``depth`` x (attention residual, MLP residual),
+    with a shrink attention and its MLP residual between stages; the role of
+    each entry is read from its keys.
+    """
+    indices = sorted({int(m.group(1)) for k in state_dict for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+    roles = {}
+    stage, block, owner = 0, -1, None
+    for i in indices:
+        p = f"blocks.{i}."
+        if f"{p}m.qkv.c.weight" in state_dict:
+            block += 1
+            owner = f"stages.{stage}.blocks.{block}."
+            roles[i] = (owner + "attn.", _OFFICIAL_ATTN)
+        elif f"{p}kv.c.weight" in state_dict:
+            stage, block = stage + 1, -1
+            owner = f"stages.{stage}.downsample."
+            roles[i] = (owner + "attn_downsample.", _OFFICIAL_SHRINK)
+        elif f"{p}m.0.c.weight" in state_dict and owner is not None:
+            roles[i] = (owner + "mlp.", _OFFICIAL_MLP)
+    return roles
+
+
+def convert_official(state_dict):
+    """facebookresearch/LeViT names to timm's (= ours); drops head, head_dist and attention_bias_idxs."""
+    roles = _official_block_roles(state_dict)
+
+    def key_fn(k, v):
+        if k.startswith(("head.", "head_dist.")) or k.endswith("attention_bias_idxs"):
+            return None
+        m = re.fullmatch(r"patch_embed\.(\d)\.(c|bn)\.(.+)", k)
+        if m and int(m.group(1)) in (0, 2, 4, 6):
+            sub = "linear" if m.group(2) == "c" else "bn"
+            k = f"stem.conv{int(m.group(1)) // 2 + 1}.{sub}.{m.group(3)}"
+            return k, v
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", k)
+        if m and int(m.group(1)) in roles:
+            prefix, table = roles[int(m.group(1))]
+            for old, new in table:
+                if m.group(2).startswith(old):
+                    k = prefix + new + m.group(2)[len(old):]
+                    return k, _linear_2d(k, v)
+        return k, v
+
+    return apply_key_fn(state_dict, key_fn)
+
+
+def hparams_of_state_dict(sd):
+    """The variant numbers read from a pvt_d2 state dict."""
+    depths = blocks_per_stage(sd, r"stages\.(\d+)\.blocks\.(\d+)\.attn\.attention_biases")
+    dims = tuple(shape_at(sd, f"stages.{i}.blocks.0.mlp.ln2.linear.weight") for i in range(len(depths)))
+    heads = tuple(shape_at(sd, f"stages.{i}.blocks.0.attn.attention_biases") for i in range(len(depths)))
+    return {"depths": depths, "embed_dims": dims, "num_heads": heads}
+
+
+def hparams_of_kwargs(kw):
+    return {"depths": as_tuple(kw["depths"]), "embed_dims": as_tuple(kw["embed_dims"]),
+            "num_heads": as_tuple(kw["num_heads"])}
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "levit", "LeViT",
+    markers={"official": (r"^patch_embed\.0\.c\.weight$", r"^blocks\.0\.m\.qkv\.c\.weight$"),
+             "timm": (r"^stem\.conv1\.linear\.weight$", r"^stages\.0\.blocks\.0\.attn\.attention_biases$")},
+    converters={"official": convert_official, "timm": convert_timm},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))

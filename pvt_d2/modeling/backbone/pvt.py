@@ -17,6 +17,7 @@ dropped because detection has no class token.
 The block (:class:`PVTBlock`) is also PVT v2's and Twins PCPVT's, with the
 MLP variant selected by arguments.
 """
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,14 @@ from .layers import (
     residual_add,
     resize_pos_embed,
     tokens_to_map,
+)
+from .key_mapping import (
+    FamilyMapping,
+    apply_key_fn,
+    identity,
+    pyramid_hparams,
+    pyramid_hparams_of_kwargs,
+    register_mapping,
 )
 from .registry import register_architectures
 
@@ -167,3 +176,40 @@ PVT_ARCHS = {
     "pvt_large": dict(depths=(3, 8, 27, 3)),
 }
 register_architectures("pvt", PyramidVisionTransformer, PVT_ARCHS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: whai362/PVT classification/pvt.py, and ours (timm has no PVT v1)
+# ---------------------------------------------------------------------------
+def convert_official(state_dict):
+    """whai362/PVT ``pvt.py`` names to ``stages.{i}.patch_embed/pos_embed/blocks``; drops norm, cls_token, head."""
+
+    def key_fn(k, v):
+        if k == "cls_token" or k.startswith(("norm.", "head.")):
+            return None
+        m = re.fullmatch(r"patch_embed(\d)\.(.+)", k)
+        if m:
+            return f"stages.{int(m.group(1)) - 1}.patch_embed.{m.group(2)}", v
+        m = re.fullmatch(r"pos_embed(\d)", k)
+        if m:
+            return f"stages.{int(m.group(1)) - 1}.pos_embed.weight", v
+        m = re.fullmatch(r"block(\d)\.(\d+)\.(.+)", k)
+        if m:
+            return f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{m.group(3)}", v
+        return k, v
+
+    return apply_key_fn(state_dict, key_fn)
+
+
+def hparams_of_state_dict(state_dict):
+    """Depths, widths and MLP ratios read from a pvt_d2 PVT v1 state dict."""
+    return pyramid_hparams(state_dict, r"stages\.(\d+)\.blocks\.(\d+)\.norm1\.weight",
+                           "stages.{i}.patch_embed.norm.weight", "stages.{i}.blocks.0.mlp.fc1.weight")
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "pvt", "PVT v1",
+    markers={"official": (r"^patch_embed1\.proj\.weight$", r"^pos_embed1$"),
+             "pvt_d2": (r"^stages\.0\.patch_embed\.proj\.weight$", r"^stages\.0\.pos_embed\.weight$")},
+    converters={"official": convert_official, "pvt_d2": identity},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=pyramid_hparams_of_kwargs))

@@ -11,6 +11,7 @@ Any input size: the padded convolutions already give stage ``i`` exactly
 the grid, so no resizing is needed. Module names follow timm's ``pvt_v2``,
 whose checkpoints load after dropping the classifier head.
 """
+import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -19,6 +20,15 @@ from torch import nn
 from .base import PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import init_weights, map_to_tokens, tokens_to_map
 from .pvt import PVTBlock
+from .key_mapping import (
+    FamilyMapping,
+    apply_key_fn,
+    dropping,
+    pyramid_hparams,
+    pyramid_hparams_of_kwargs,
+    register_mapping,
+    shape_at,
+)
 from .registry import register_architectures
 
 __all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
@@ -109,3 +119,48 @@ PVT_V2_ARCHS = {
     "pvt_v2_b5": dict(_B, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
 }
 register_architectures("pvt_v2", PyramidVisionTransformerV2, PVT_V2_ARCHS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: whai362/PVT pvt_v2.py, and timm's pvt_v2 (= ours)
+# ---------------------------------------------------------------------------
+def convert_official(state_dict):
+    """whai362/PVT ``pvt_v2.py`` names to timm's (= ours); drops head."""
+
+    def key_fn(k, v):
+        if k.startswith("head."):
+            return None
+        m = re.fullmatch(r"patch_embed(\d)\.(.+)", k)
+        if m:
+            n = int(m.group(1))
+            return (f"patch_embed.{m.group(2)}" if n == 1 else f"stages.{n - 1}.downsample.{m.group(2)}"), v
+        m = re.fullmatch(r"block(\d)\.(\d+)\.(.+)", k)
+        if m:
+            rest = m.group(3).replace("mlp.dwconv.dwconv.", "mlp.dwconv.")
+            return f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{rest}", v
+        m = re.fullmatch(r"norm(\d)\.(.+)", k)
+        if m:
+            return f"stages.{int(m.group(1)) - 1}.norm.{m.group(2)}", v
+        return k, v
+
+    return apply_key_fn(state_dict, key_fn)
+
+
+def hparams_of_state_dict(state_dict):
+    """Depths, widths, MLP ratios and the linear-SRA flag read from a pvt_d2 PVT v2 state dict."""
+    hp = pyramid_hparams(state_dict, r"stages\.(\d+)\.blocks\.(\d+)\.norm1\.weight",
+                         "stages.{i}.norm.weight", "stages.{i}.blocks.0.mlp.fc1.weight")
+    # linear SRA reduces with a 1x1 conv (after pooling), the regular one with an sr x sr conv
+    return {**hp, "linear": shape_at(state_dict, "stages.0.blocks.0.attn.sr.weight", axis=3) == 1}
+
+
+def hparams_of_kwargs(kw):
+    return {**pyramid_hparams_of_kwargs(kw), "linear": bool(kw.get("linear", False))}
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "pvt_v2", "PVT v2",
+    markers={"official": (r"^patch_embed1\.proj\.weight$", r"^block1\.0\.mlp\.dwconv\.dwconv\.weight$"),
+             "timm": (r"^patch_embed\.proj\.weight$", r"^stages\.0\.blocks\.0\.mlp\.dwconv\.weight$")},
+    converters={"official": convert_official, "timm": dropping("head.")},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))

@@ -36,7 +36,7 @@ models, which floor instead of pad.
 
 Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
-(``norm.*`` and ``head.*``, see :func:`~.layers.drop_classifier_keys`) are removed.
+(``norm.*`` and ``head.*``, see :func:`~.key_mapping.drop_classifier_keys`) are removed.
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -58,6 +58,14 @@ from .layers import (
     tokens_to_map,
     window_partition,
     window_unpartition,
+)
+from .key_mapping import (
+    CLASSIFIER_KEY_PREFIXES,
+    FamilyMapping,
+    dropping,
+    pyramid_hparams,
+    pyramid_hparams_of_kwargs,
+    register_mapping,
 )
 from .registry import register_architectures
 
@@ -320,3 +328,28 @@ register_architectures("twins", Twins, {
     "twins_svt_large": dict(_SVT, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
                             depths=(2, 2, 18, 2)),
 })
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: Meituan-AutoML/Twins gvt.py and timm's twins share our names
+# ---------------------------------------------------------------------------
+def hparams_of_state_dict(state_dict):
+    """Depths, widths, MLP ratios and PCPVT / SVT read from a Twins state dict."""
+    hp = pyramid_hparams(state_dict, r"blocks\.(\d+)\.(\d+)\.norm1\.weight",
+                         "patch_embeds.{i}.norm.weight", "blocks.{i}.0.mlp.fc1.weight")
+    # SVT's even blocks use locally-grouped attention (a fused qkv); PCPVT has none
+    return {**hp, "svt": "blocks.0.0.attn.qkv.weight" in state_dict}
+
+
+def hparams_of_kwargs(kw):
+    return {**pyramid_hparams_of_kwargs(kw), "svt": kw.get("window_sizes") is not None}
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "twins", "Twins",
+    markers={"official": (r"^patch_embeds\.0\.proj\.weight$", r"^pos_block\.0\.proj\.0\.weight$")},
+    # official and timm name everything as we do; only the classifier goes
+    converters={"official": dropping(*CLASSIFIER_KEY_PREFIXES), "timm": dropping(*CLASSIFIER_KEY_PREFIXES)},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs,
+    # the per-stage LayerNorms of SVT's detection design are not in ImageNet classifiers
+    new_prefixes=("norm_list.",)))

@@ -61,9 +61,10 @@ trunk on an already-resampled image (e.g. a 224 px ImageNet crop).
 Parameter names follow the official code (``patch_embed.proj``,
 ``network.<i>.<j>.attn.mlp_h`` ..., ``network.<i>.proj`` for the
 downsampling), so an official checkpoint loads after dropping the classifier
-entries ``norm.*`` and ``head.*`` (:func:`~.layers.drop_classifier_keys`).
+entries ``norm.*`` and ``head.*`` (:func:`~.key_mapping.drop_classifier_keys`).
 """
 import math
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -77,6 +78,14 @@ from .layers import (
     init_weights,
     is_tracing,
     pad_to_multiple,
+)
+from .key_mapping import (
+    CLASSIFIER_KEY_PREFIXES,
+    FamilyMapping,
+    as_tuple,
+    dropping,
+    register_mapping,
+    shape_at,
 )
 from .registry import register_architectures
 
@@ -426,3 +435,37 @@ VIP_ARCHS = {
 }
 
 register_architectures("vip", VisionPermutator, VIP_ARCHS)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: Andrew-Qibin/VisionPermutator models/vip.py names are ours
+# ---------------------------------------------------------------------------
+def hparams_of_state_dict(state_dict):
+    """Layers, widths and transitions from the ``network`` sequence (stages and downsamplers interleaved)."""
+    sd = state_dict
+    positions = sorted({int(m.group(1)) for k in sd for m in [re.match(r"network\.(\d+)\.", k)] if m})
+    layers, dims, transitions = [], [], []
+    for pos in positions:
+        blocks = [int(m.group(1)) for k in sd for m in [re.fullmatch(rf"network\.{pos}\.(\d+)\.norm1\.weight", k)]
+                  if m]
+        if blocks:
+            layers.append(max(blocks) + 1)
+            dims.append(shape_at(sd, f"network.{pos}.0.norm1.weight"))
+            transitions.append(False)
+        elif f"network.{pos}.proj.weight" in sd and transitions:
+            # a 2x2 stride-2 conv halves the map; a 1x1 one only changes the width
+            transitions[-1] = shape_at(sd, f"network.{pos}.proj.weight", axis=3) == 2
+    return {"layers": tuple(layers), "embed_dims": tuple(dims), "transitions": tuple(transitions),
+            "patch_size": shape_at(sd, "patch_embed.proj.weight", axis=3)}
+
+
+def hparams_of_kwargs(kw):
+    return {"layers": as_tuple(kw["layers"]), "embed_dims": as_tuple(kw["embed_dims"]),
+            "transitions": tuple(bool(t) for t in kw["transitions"]), "patch_size": kw["patch_size"]}
+
+
+CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
+    "vip", "Vision Permutator",
+    markers={"official": (r"^patch_embed\.proj\.weight$", r"^network\.0\.0\.attn\.mlp_h\.weight$")},
+    converters={"official": dropping(*CLASSIFIER_KEY_PREFIXES)},
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))
