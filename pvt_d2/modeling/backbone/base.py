@@ -20,7 +20,7 @@ BatchNorm layers in training mode would update their running statistics a
 second time during recomputation; no checkpointed block of pvt_d2 has one in
 training mode by default (LeViT's default norm is frozen).
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -175,13 +175,13 @@ class PyramidBackbone(Backbone):
         raise NotImplementedError
 
     @staticmethod
-    def run_stages(x: torch.Tensor, stages: Sequence[nn.Module], needed: Sequence[str],
+    def run_stages(x: torch.Tensor, stages: Sequence[Callable[[torch.Tensor], torch.Tensor]], needed: Sequence[str],
                    names: Sequence[str] = LEVEL_NAMES) -> Dict[str, torch.Tensor]:
         """Run ``stages`` one after the other up to the last level in ``needed``.
 
         Args:
             x: input of the first stage.
-            stages: the stages in order; stage ``i`` produces level ``names[i]``.
+            stages: the stages in order (modules or callables); stage ``i`` produces level ``names[i]``.
             needed: the levels asked for.
             names: the level of each stage (default ``res2``, ``res3``, ...).
 

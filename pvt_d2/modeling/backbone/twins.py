@@ -38,6 +38,7 @@ Parameter names follow timm's (and the official) classifier exactly; a timm
 ``twins_*`` state dict loads with ``strict=True`` once the classifier keys
 (``norm.*`` and ``head.*``, see :func:`~.key_mapping.drop_classifier_keys`) are removed.
 """
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -260,7 +261,6 @@ class Twins(PyramidBackbone):
         self.apply(init_weights)
 
         names = LEVEL_NAMES[:num_stages]
-        self._stage_index = {name: i for i, name in enumerate(names)}
         self._init_pyramid(
             channels=dict(zip(names, embed_dims)),
             strides={name: patch_size * 2 ** i for i, name in enumerate(names)},
@@ -299,20 +299,25 @@ class Twins(PyramidBackbone):
             modules += self._stage_modules(i)
         return modules
 
+    def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``: patch embedding, blocks (the PEG after the first), optional norm; map in, map out.
+
+        The official module lists (``patch_embeds``, ``blocks``, ``pos_block``,
+        ``norm_list``) keep the checkpoint layout, so a stage is this method
+        rather than a module of its own.
+        """
+        tokens, hw = self.patch_embeds[i](x)
+        for j, block in enumerate(self.blocks[i]):
+            tokens = checkpoint_block(block, tokens, hw)
+            if j == 0:
+                tokens = self.pos_block[i](tokens, hw)
+        if self.norm_list is not None:
+            tokens = self.norm_list[i](tokens)
+        return tokens_to_map(tokens, hw)  # channels-last view: the next patch embedding's conv keeps it
+
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
-        last = max(self._stage_index[name] for name in needed)
-        feats = {}
-        for i in range(last + 1):
-            tokens, hw = self.patch_embeds[i](x)
-            for j, block in enumerate(self.blocks[i]):
-                tokens = checkpoint_block(block, tokens, hw)
-                if j == 0:
-                    tokens = self.pos_block[i](tokens, hw)
-            if self.norm_list is not None:
-                tokens = self.norm_list[i](tokens)
-            x = tokens_to_map(tokens, hw)  # channels-last view: the next patch embedding's conv keeps it
-            feats[LEVEL_NAMES[i]] = x
-        return feats
+        stages = [functools.partial(self.forward_stage, i) for i in range(len(self.depths))]
+        return self.run_stages(x, stages, needed)
 
 
 _PCPVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
