@@ -161,6 +161,22 @@ def test_marker_pickle_never_runs_in_checkpointer_demo_convert(tmp_path, capsys)
     assert not any(p.name.endswith(".out.pth") for p in tmp_path.iterdir())
 
 
+def test_quickstart_drawing_loads_weights_through_the_safe_reader(tmp_path):
+    """43b. the quickstart draws with pvt_d2's Predictor (not detectron2's DefaultPredictor): the marker pickle as
+    its MODEL.WEIGHTS is refused naming the file and never runs."""
+    from tools.quickstart import draw_validation_images
+
+    from pvt_d2.checkpoint import CheckpointError
+    from pvt_d2.config import load_config
+
+    marker, files = _evil_files(tmp_path)
+    for path in files.values():
+        cfg = load_config(QUICKSTART, [*DEMO_OPTS, "MODEL.WEIGHTS", path])
+        with pytest.raises(CheckpointError, match=f"Refusing to load {path}"):
+            draw_validation_images(cfg, str(tmp_path / "vis"))
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_marker_pickle_never_runs_in_train_net(dataset_root, tmp_path):
     """44. the marker pickle as MODEL.WEIGHTS of train_net (training and --eval-only): one ERROR naming the

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
+from pvt_d2.checkpoint import CheckpointError
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.data import DatasetError
 from pvt_d2.data.custom import setup_custom_datasets
 from pvt_d2.engine import use_cpu_if_no_cuda
+from pvt_d2.engine.predictor import Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -108,39 +109,6 @@ def dataset_metadata(cfg):
     register_all()
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     return MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
-
-
-class Predictor:
-    """The config's detector with its ``MODEL.WEIGHTS``, run on one BGR image (as detectron2's ``DefaultPredictor``).
-
-    The weights are loaded strictly by :class:`~pvt_d2.checkpoint.AtomicCheckpointer`.
-
-    Raises:
-        CheckpointError: missing, unreadable or unsafe weights file, or weights of another model.
-    """
-
-    def __init__(self, cfg, amp: str = "fp32"):
-        from detectron2.data import transforms as T
-        from detectron2.modeling import build_model
-
-        from pvt_d2.utils.precision import autocast_backbone
-
-        self.cfg = cfg.clone()
-        self.model = build_model(self.cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            AtomicCheckpointer(self.model, strict=True, run_info=run_info_from_config(cfg)).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=False)
-        autocast_backbone(self.model, amp)  # --amp: backbone under autocast, heads and post-processing float32
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
-        self.input_format = cfg.INPUT.FORMAT
-
-    def __call__(self, bgr: np.ndarray) -> dict:
-        with torch.no_grad():
-            image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
-            height, width = image.shape[:2]
-            image = self.aug.get_transform(image).apply_image(image)
-            tensor = torch.as_tensor(np.ascontiguousarray(image.astype("float32").transpose(2, 0, 1)))
-            return self.model([{"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}])[0]
 
 
 class Demo:

@@ -6,7 +6,14 @@ R-CNN) on the synthetic shapes set, which is generated on first use, prints
 the COCO box and mask AP on its validation split, draws the detections of a
 few validation images and plots the training curves, all under
 ``output/quickstart/``. Extra arguments are config overrides, e.g.
-``python tools/quickstart.py SOLVER.MAX_ITER 100``.
+``python tools/quickstart.py SOLVER.MAX_ITER 100`` or
+``python tools/quickstart.py OUTPUT_DIR output/quickstart_seed7 SEED 7``.
+
+Its LazyConfig twin, ``python tools/lazyconfig_train_net.py --config-file
+configs/lazy/quickstart_pvt_v2_b0.py``, trains the same way (same seed: same
+initial weights, images, augmentations and schedule). A bad override or a
+quickstart already running into the same ``OUTPUT_DIR`` ends with one
+``ERROR:`` line and exit status 2.
 """
 import json
 import os
@@ -15,11 +22,13 @@ import time
 
 import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultPredictor, default_setup
+from detectron2.engine import default_setup
 
-from pvt_d2.config import load_config
+from pvt_d2.config import ConfigError, load_config
 from pvt_d2.data import prepare_datasets
 from pvt_d2.engine import Trainer, use_cpu_if_no_cuda
+from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock
+from pvt_d2.engine.predictor import Predictor
 from pvt_d2.utils.visualize import draw_instances
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -30,7 +39,7 @@ NUM_VIS_IMAGES = 6
 def draw_validation_images(cfg, out_dir: str) -> list:
     """Run the trained model on a few validation images and save the drawings."""
     os.makedirs(out_dir, exist_ok=True)
-    predictor = DefaultPredictor(cfg)
+    predictor = Predictor(cfg)  # weights through the safe reader, as the demo loads them
     dataset = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(dataset)
     paths = []
@@ -44,13 +53,30 @@ def draw_validation_images(cfg, out_dir: str) -> list:
     return paths
 
 
-def main(argv) -> int:
-    start = time.time()
+def setup(argv):
+    """The quickstart config with the overrides ``argv``, on the CPU without CUDA, seeded and logged."""
     cfg = load_config(CONFIG, argv)
     use_cpu_if_no_cuda(cfg)
     cfg.freeze()
     default_setup(cfg, type("Args", (), {"config_file": CONFIG, "eval_only": False, "opts": argv})())
     prepare_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    return cfg
+
+
+def main(argv) -> int:
+    """Run the quickstart; a bad override or a busy ``OUTPUT_DIR``: one ``ERROR:`` line, exit status 2."""
+    try:
+        output_dir = load_config(CONFIG, argv).OUTPUT_DIR
+        with OutputDirLock(output_dir, "quickstart"):
+            return _run(argv)
+    except (ConfigError, OutputDirError) as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(argv) -> int:
+    start = time.time()
+    cfg = setup(argv)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
