@@ -36,18 +36,15 @@ each in a fresh process:
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import pvt_d2.modeling  # noqa: E402,F401
-from pvt_d2.config import ConfigError, load_config  # noqa: E402
-from pvt_d2.utils.precision import AMP_CHOICES, AutocastBackbone, resolve_amp  # noqa: E402
-from pvt_d2.utils.analysis import (  # noqa: E402
+import pvt_d2.modeling  # noqa: F401
+from pvt_d2.config import ConfigError, load_config
+from pvt_d2.utils.precision import AMP_CHOICES, AutocastBackbone, resolve_amp
+from pvt_d2.utils.analysis import (
     build_backbone,
     build_detector,
     detector_inputs,
