@@ -24,13 +24,13 @@ is loaded only when the user names it (``tools/lazyconfig_train_net.py``).
 """
 import copy
 import os
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 from detectron2.config import LazyCall as L
 
 __all__ = ["yaml_path", "lazy_detector", "lazy_model", "lazy_optimizer", "lazy_dataloader", "lazy_train",
-           "lazy_lr_multiplier"]
+           "lazy_lr_multiplier", "setup_lazy_datasets"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -298,3 +298,99 @@ def lazy_detector(config: str, opts: Sequence[str] = ()):
     cfg = load_config(path, list(opts))
     return (lazy_model(cfg), lazy_dataloader(cfg, path, opts), lazy_optimizer(cfg), lazy_lr_multiplier(cfg),
             lazy_train(cfg))
+
+
+def _num_classes_nodes(node, path: str = "model"):
+    """``(dotted path, parent node)`` of every ``num_classes`` field in a LazyConfig tree."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            if key == "num_classes":
+                yield f"{path}.{key}", node
+            elif isinstance(node[key], (DictConfig, ListConfig)):
+                yield from _num_classes_nodes(node[key], f"{path}.{key}")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from _num_classes_nodes(item, f"{path}.{i}")
+
+
+def _names(value) -> List[str]:
+    return [value] if isinstance(value, str) and value else ([] if isinstance(value, str) else list(value or []))
+
+
+def setup_lazy_datasets(cfg, specs: Sequence[str] = (), overrides: Sequence[str] = ()) -> List[str]:
+    """Register ``--dataset NAME=SPEC`` declarations for a LazyConfig and fit its model's class count to them.
+
+    The LazyConfig form of :func:`pvt_d2.data.custom.setup_custom_datasets`:
+    each declaration is parsed and registered by
+    :func:`~pvt_d2.data.custom.register_dataset_spec`; the class list of the
+    declared datasets named in ``dataloader.train.dataset.names`` (else
+    ``dataloader.test.dataset.names``) gives every ``num_classes`` field of
+    ``cfg.model`` (``model.roi_heads.num_classes``, the box predictors, the
+    mask heads; RetinaNet's ``model.num_classes`` and ``model.head.num_classes``).
+
+    Args:
+        cfg: the loaded LazyConfig (changed in place).
+        specs: the ``NAME=SPEC`` declarations.
+        overrides: the command-line ``key=value`` overrides, to tell a class count set on purpose.
+
+    Returns:
+        The names of the declared datasets.
+
+    Raises:
+        DatasetError: a bad declaration; a declared dataset that neither loader names; training and test
+            sets with different classes; a class count that the file (other than detectron2's default 80)
+            or an override sets to another number (both numbers named); box-only data with a mask head.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from .data import DatasetError
+    from .data.custom import DEFAULT_NUM_CLASSES, is_box_only, parse_dataset_spec, register_dataset_spec
+
+    declared = {}
+    for text in specs:
+        spec = parse_dataset_spec(text)
+        if spec.name in declared and declared[spec.name] != spec:
+            raise DatasetError(f"Dataset '{spec.name}' is declared twice, as {declared[spec.name].text} "
+                               f"and as {spec.text}.")
+        declared[spec.name] = register_dataset_spec(spec)
+    if not declared:
+        return []
+    train = [n for n in _names(cfg.dataloader.train.dataset.names) if n in declared]
+    test = [n for n in _names(cfg.dataloader.test.dataset.names) if n in declared]
+    names = list(declared)
+    if not train and not test:
+        raise DatasetError(
+            f"Dataset(s) {', '.join(names)} are declared but dataloader.train.dataset.names = "
+            f"{_names(cfg.dataloader.train.dataset.names)} and dataloader.test.dataset.names = "
+            f"{cfg.dataloader.test.dataset.names!r} name none of them; add e.g. "
+            f"'dataloader.train.dataset.names=[{names[0]}]'"
+            + (f" dataloader.test.dataset.names={names[1]}" if len(names) > 1 else "") + ".")
+    source = (train or test)[0]
+    classes = list(MetadataCatalog.get(source).thing_classes)
+    for name in train + test:
+        other = list(MetadataCatalog.get(name).thing_classes)
+        if other != classes:
+            raise DatasetError(f"Datasets '{source}' and '{name}' have different classes ({classes} vs {other}); "
+                               f"training and evaluation sets must share one class list.")
+    nodes = list(_num_classes_nodes(cfg.model))
+    if not nodes:
+        raise DatasetError(f"The model of this LazyConfig has no num_classes field to fit to dataset '{source}'.")
+    key, parent = nodes[0]
+    current = parent.num_classes
+    overridden = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    if current != len(classes) and (current != DEFAULT_NUM_CLASSES or overridden & {k for k, _ in nodes}):
+        raise DatasetError(f"{key} = {current} is set in the config, but dataset '{source}' has {len(classes)} "
+                           f"classes; remove the setting (it is then taken from the dataset) or set "
+                           f"{key}={len(classes)}.")
+    for _, parent in nodes:
+        parent.num_classes = len(classes)
+    roi_heads = cfg.model.get("roi_heads")
+    boxes = [n for n in train + test if is_box_only(n)]
+    if boxes and roi_heads is not None and roi_heads.get("mask_head") is not None:
+        raise DatasetError(
+            f"Dataset '{boxes[0]}' has objects with boxes but no masks (segmentation), and this LazyConfig has a "
+            f"mask head, which needs a mask for every object. For box-only data use "
+            f"configs/lazy/faster_rcnn_<variant>.py or configs/lazy/retinanet_<variant>.py.")
+    return names

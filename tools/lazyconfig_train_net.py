@@ -5,17 +5,29 @@
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_pvt_v2_b2.py --num-gpus 8 \\
         train.max_iter=1000 optimizer.lr=1e-4
     python tools/lazyconfig_train_net.py --config-file CFG.py --eval-only train.init_checkpoint=model_final.pth
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/faster_rcnn_pvt_v2_b0.py \\
+        --dataset trees_train=ann/train.json:images --dataset trees_val=ann/val.json:images \\
+        "dataloader.train.dataset.names=[trees_train]" dataloader.test.dataset.names=trees_val
 
 The structure follows detectron2's ``tools/lazyconfig_train_net.py`` (the
 sections ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
 ``train``); the reliability of ``tools/train_net.py`` is kept: atomic
-checkpoints, the safe checkpoint reader, robust data loading, CPU fallback, and
-one ``ERROR:`` line with exit status 2 for a problem the user can fix.
+checkpoints, the safe checkpoint reader, robust data loading, CPU fallback,
+``--dataset NAME=SPEC`` (the number of classes taken from the training set),
+the ``train.output_dir`` checks and lock (another run's checkpoints are kept
+unless ``--resume`` / ``--overwrite``; a live run's folder is refused), and one
+``ERROR:`` line with exit status 2 for a problem the user can fix.
+
+With the same seed (``train.seed``) and thread count, the quickstart twin
+``configs/lazy/quickstart_pvt_v2_b0.py`` trains exactly as ``tools/quickstart.py``:
+the same initial weights, image order and augmentations, parameter groups and
+schedule (``tests/test_lazyconfig.py``).
 
 A LazyConfig file is Python code and runs when loaded: this script loads only
 the ``--config-file`` you name (your own code, or pvt_d2's ``configs/lazy``);
 YAML files are refused here (use ``tools/train_net.py``, which parses them safely).
 """
+import contextlib
 import logging
 import os
 import sys
@@ -32,9 +44,12 @@ from omegaconf.errors import OmegaConfBaseException
 from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError
 from pvt_d2.config import ConfigError
 from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
+from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
 from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
+from pvt_d2.lazy import setup_lazy_datasets
 
-USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
+               OutputDirError)
 logger = logging.getLogger("pvt_d2")
 
 
@@ -82,7 +97,14 @@ def do_test(cfg, model):
     return results
 
 
-def do_train(args, cfg):
+def build_training(cfg):
+    """``(model, optimizer, train_loader)`` of a LazyConfig, built in ``tools/quickstart.py``'s order.
+
+    Model (then the optional ImageNet backbone weights), optimizer, data loader:
+    the order in which detectron2's ``DefaultTrainer`` (and pvt_d2's
+    ``Trainer``) draws from the random generators, so the same seed gives the
+    same initial weights and the same image order and augmentations.
+    """
     model = instantiate(cfg.model).to(cfg.train.device)
     if cfg.train.get("pretrained"):
         from pvt_d2.checkpoint import load_pretrained_backbone
@@ -92,6 +114,11 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    return model, optim, train_loader
+
+
+def do_train(args, cfg):
+    model, optim, train_loader = build_training(cfg)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
@@ -119,10 +146,17 @@ def do_train(args, cfg):
     return last_eval
 
 
-def main(args):
+def setup(args):
+    """The LazyConfig of ``args`` with its ``--dataset`` declarations, seeded and logged (``default_setup``)."""
     cfg = load_lazy_config(args.config_file, args.opts)
+    setup_lazy_datasets(cfg, args.dataset, args.opts)
     default_setup(cfg, args)
     prepare_datasets(_dataset_names(cfg, training=not args.eval_only))
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
@@ -140,15 +174,39 @@ def _worker(args):
         sys.exit(2)
 
 
+def get_parser():
+    """detectron2's arguments plus ``--dataset NAME=SPEC`` and ``--overwrite``, as in ``tools/train_net.py``."""
+    parser = default_argument_parser()
+    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                        help="declare a dataset (repeatable): NAME=annotations.json:images (COCO json) or "
+                             "NAME=VOCfolder[:SPLIT] (Pascal VOC); name it in dataloader.train.dataset.names / "
+                             "dataloader.test.dataset.names. The number of classes is taken from the training set.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a train.output_dir that holds another run's checkpoints, "
+                             "replacing them (without it, such a folder is refused unless --resume)")
+    return parser
+
+
+def check_args(args):
+    """Check the config, the datasets and ``train.output_dir`` once, before any worker process is started."""
+    cfg = load_lazy_config(args.config_file, args.opts)
+    setup_lazy_datasets(cfg, args.dataset, args.opts)
+    if not args.eval_only:
+        check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
+    return cfg
+
+
 def cli(argv=None) -> int:
-    args = default_argument_parser().parse_args(argv)
+    args = get_parser().parse_args(argv)
     try:
-        load_lazy_config(args.config_file, args.opts)  # check before any process is started
-        if args.num_gpus * args.num_machines > 1:
-            launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                   dist_url=args.dist_url, args=(args,))
-        else:
-            main(args)
+        cfg = check_args(args)
+        with OutputDirLock(cfg.train.output_dir, "evaluation" if args.eval_only else "training") \
+                if args.machine_rank == 0 else contextlib.nullcontext():
+            if args.num_gpus * args.num_machines > 1:
+                launch(_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                       dist_url=args.dist_url, args=(args,))
+            else:
+                main(args)
     except USER_ERRORS as e:
         print(f"ERROR: {e}", file=sys.stderr, flush=True)
         return 2
