@@ -684,16 +684,13 @@ class LevitStem(nn.Sequential):
                 layers[f"act{i + 1}"] = nn.Hardswish()
         super().__init__(layers)
 
-    def forward_taps(self, x: torch.Tensor, taps: Dict[str, str], last: str) -> Dict[str, torch.Tensor]:
-        """Run up to layer ``last``; return the outputs of the layers in ``taps`` (layer -> name)."""
-        out = {}
-        for layer_name, layer in self.named_children():
-            x = layer(x)
-            if layer_name in taps:
-                out[taps[layer_name]] = x
-            if layer_name == last:
-                break
-        return out
+    def forward_res2(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-4 map (``res2``): the first two Conv+BN layers and their activations."""
+        return self.act2(self.conv2(self.act1(self.conv1(x))))
+
+    def forward_res3(self, res2: torch.Tensor) -> torch.Tensor:
+        """The stride-8 map (``res3``) from ``res2``."""
+        return self.act3(self.conv3(res2))
 
 
 # ---------------------------------------------------------------------------
@@ -794,16 +791,16 @@ class LevitBackbone(PyramidBackbone):
     def frozen_modules(self, freeze_at: int) -> List[nn.Module]:
         return [self.stem] + list(self.stages[:max(min(freeze_at - 3, len(self.stages)), 0)])
 
+    def forward_res4(self, res3: torch.Tensor) -> torch.Tensor:
+        """The first transformer stage on the stem's last conv; channels-last ``(B, H, W, C)`` out."""
+        return self.stages[0](self.stem.conv4(res3).permute(0, 2, 3, 1))
+
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
-        last = max(LEVEL_NAMES.index(n) for n in needed)
-        out = self.stem.forward_taps(x, {"act2": "res2", "act3": "res3"}, "act2" if last == 0 else "act3")
-        if last < 2:
-            return out
-        x = self.stem.conv4(out["res3"]).permute(0, 2, 3, 1)
-        for name, stage in zip(LEVEL_NAMES[2:last + 1], self.stages):
-            x = stage(x)
-            out[name] = x.permute(0, 3, 1, 2)  # a channels-last (B, C, H, W) view, no copy
-        return out
+        # res2 and res3 are taps inside the stem (the classifier's stem has no stage boundary there)
+        stages = [self.stem.forward_res2, self.stem.forward_res3, self.forward_res4, *self.stages[1:]]
+        levels = self.run_stages(x, stages, needed)
+        # the transformer stages run on (B, H, W, C); their levels are channels-last (B, C, H, W) views, no copy
+        return {name: y.permute(0, 3, 1, 2) if LEVEL_NAMES.index(name) >= 2 else y for name, y in levels.items()}
 
 
 LEVIT_ARCHS = {

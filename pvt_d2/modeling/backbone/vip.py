@@ -63,6 +63,7 @@ Parameter names follow the official code (``patch_embed.proj``,
 downsampling), so an official checkpoint loads after dropping the classifier
 entries ``norm.*`` and ``head.*`` (:func:`~.key_mapping.drop_classifier_keys`).
 """
+import functools
 import math
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -383,6 +384,27 @@ class VisionPermutator(PyramidBackbone):
         size = (x.shape[-2] // self.grid_stride * self.patch_size, x.shape[-1] // self.grid_stride * self.patch_size)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
+    def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``i`` on channels-last tokens: what precedes it, then its blocks.
+
+        What precedes stage 0 is the patch embedding (image in); what precedes
+        a later stage is the downsampling / width projection in ``network``
+        between the two (the official ``network`` sequence keeps the
+        checkpoint layout, so a stage is this method rather than a module).
+        """
+        if i == 0:
+            x = self.patch_embed(x)
+        else:
+            for module in self.network[self._stage_positions[i - 1] + 1:self._stage_positions[i]]:
+                x = module(x)
+        for block in self.network[self._stage_positions[i]]:
+            x = checkpoint_block(block, x)
+        return x
+
+    def _trunk(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
+        stages = [functools.partial(self.forward_stage, i) for i in range(len(self._stage_positions))]
+        return self.run_stages(x, stages, needed)
+
     def forward_stages(self, x: torch.Tensor, num_stages: int = 4) -> List[torch.Tensor]:
         """Run the classifier trunk (patch embedding and stages) without resampling.
 
@@ -394,27 +416,12 @@ class VisionPermutator(PyramidBackbone):
         Returns:
             The channels-last ``(B, H_i, W_i, C_i)`` output of each stage run.
         """
-        x = self.patch_embed(x)
-        outputs = []
-        for pos, module in enumerate(self.network):
-            if len(outputs) == num_stages:
-                break
-            if pos in self._stage_positions:  # a stage: its blocks, each maybe checkpointed
-                for blk in module:
-                    x = checkpoint_block(blk, x)
-            else:
-                x = module(x)
-            if pos in self._stage_positions:
-                outputs.append(x)
-        return outputs
+        return list(self._trunk(x, [LEVEL_NAMES[num_stages - 1]]).values())
 
     def forward_features(self, x: torch.Tensor, needed: Sequence[str]) -> Dict[str, torch.Tensor]:
         height, width = x.shape[-2:]
-        num_stages = max(LEVEL_NAMES.index(name) for name in needed) + 1
-        stages = self.forward_stages(self.resample_input(x), num_stages)
         features = {}
-        for i, out in enumerate(stages):
-            name = LEVEL_NAMES[i]
+        for name, out in self._trunk(self.resample_input(x), needed).items():
             stride = self.level_strides[name]
             y = self.necks[name](out.permute(0, 3, 1, 2))
             features[name] = y[..., : -(-height // stride), : -(-width // stride)]
