@@ -55,6 +55,7 @@ __all__ = [
     "identity",
     "pyramid_hparams",
     "pyramid_hparams_of_kwargs",
+    "regex_renamer",
     "register_mapping",
     "resolved_kwargs",
     "shape_at",
@@ -143,6 +144,30 @@ def dropping(*prefixes: str) -> Callable[[StateDict], Converted]:
 
     def convert(state_dict: StateDict) -> Converted:
         return apply_key_fn(state_dict, lambda k, v: None if k.startswith(prefixes) else (k, v))
+
+    return convert
+
+
+def regex_renamer(rules: Sequence[Tuple[str, Callable[[re.Match], str]]],
+                  drop: Tuple[str, ...] = ()) -> Callable[[StateDict], Converted]:
+    """A converter from renaming rules: the first ``(pattern, new_name)`` whose pattern fully matches a key renames it.
+
+    Args:
+        rules: regular expressions and functions of their match giving the new name.
+        drop: keys equal to or starting with one of these are dropped.
+    """
+
+    def key_fn(k, v):
+        if k in drop or k.startswith(drop):
+            return None
+        for pattern, new_name in rules:
+            m = re.fullmatch(pattern, k)
+            if m:
+                return new_name(m), v
+        return k, v
+
+    def convert(state_dict: StateDict) -> Converted:
+        return apply_key_fn(state_dict, key_fn)
 
     return convert
 

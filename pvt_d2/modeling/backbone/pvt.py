@@ -17,7 +17,6 @@ dropped because detection has no class token.
 The block (:class:`PVTBlock`) is also PVT v2's and Twins PCPVT's, with the
 MLP variant selected by arguments.
 """
-import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,10 +35,10 @@ from .layers import (
 )
 from .key_mapping import (
     FamilyMapping,
-    apply_key_fn,
     identity,
     pyramid_hparams,
     pyramid_hparams_of_kwargs,
+    regex_renamer,
     register_mapping,
 )
 from .registry import register_architectures
@@ -181,24 +180,12 @@ register_architectures("pvt", PyramidVisionTransformer, PVT_ARCHS)
 # ---------------------------------------------------------------------------
 # Checkpoints: whai362/PVT classification/pvt.py, and ours (timm has no PVT v1)
 # ---------------------------------------------------------------------------
-def convert_official(state_dict):
-    """whai362/PVT ``pvt.py`` names to ``stages.{i}.patch_embed/pos_embed/blocks``; drops norm, cls_token, head."""
-
-    def key_fn(k, v):
-        if k == "cls_token" or k.startswith(("norm.", "head.")):
-            return None
-        m = re.fullmatch(r"patch_embed(\d)\.(.+)", k)
-        if m:
-            return f"stages.{int(m.group(1)) - 1}.patch_embed.{m.group(2)}", v
-        m = re.fullmatch(r"pos_embed(\d)", k)
-        if m:
-            return f"stages.{int(m.group(1)) - 1}.pos_embed.weight", v
-        m = re.fullmatch(r"block(\d)\.(\d+)\.(.+)", k)
-        if m:
-            return f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{m.group(3)}", v
-        return k, v
-
-    return apply_key_fn(state_dict, key_fn)
+#: whai362/PVT ``pvt.py`` names to ``stages.{i}.patch_embed/pos_embed/blocks``; drops norm, cls_token, head.
+convert_official = regex_renamer([
+    (r"patch_embed(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.patch_embed.{m[2]}"),
+    (r"pos_embed(\d)", lambda m: f"stages.{int(m[1]) - 1}.pos_embed.weight"),
+    (r"block(\d)\.(\d+)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}"),
+], drop=("cls_token", "norm.", "head."))
 
 
 def hparams_of_state_dict(state_dict):

@@ -22,10 +22,10 @@ from .layers import init_weights, map_to_tokens, tokens_to_map
 from .pvt import PVTBlock
 from .key_mapping import (
     FamilyMapping,
-    apply_key_fn,
     dropping,
     pyramid_hparams,
     pyramid_hparams_of_kwargs,
+    regex_renamer,
     register_mapping,
     shape_at,
 )
@@ -124,26 +124,18 @@ register_architectures("pvt_v2", PyramidVisionTransformerV2, PVT_V2_ARCHS)
 # ---------------------------------------------------------------------------
 # Checkpoints: whai362/PVT pvt_v2.py, and timm's pvt_v2 (= ours)
 # ---------------------------------------------------------------------------
-def convert_official(state_dict):
-    """whai362/PVT ``pvt_v2.py`` names to timm's (= ours); drops head."""
+def _official_embed_key(m: re.Match) -> str:
+    n = int(m[1])
+    return f"patch_embed.{m[2]}" if n == 1 else f"stages.{n - 1}.downsample.{m[2]}"
 
-    def key_fn(k, v):
-        if k.startswith("head."):
-            return None
-        m = re.fullmatch(r"patch_embed(\d)\.(.+)", k)
-        if m:
-            n = int(m.group(1))
-            return (f"patch_embed.{m.group(2)}" if n == 1 else f"stages.{n - 1}.downsample.{m.group(2)}"), v
-        m = re.fullmatch(r"block(\d)\.(\d+)\.(.+)", k)
-        if m:
-            rest = m.group(3).replace("mlp.dwconv.dwconv.", "mlp.dwconv.")
-            return f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{rest}", v
-        m = re.fullmatch(r"norm(\d)\.(.+)", k)
-        if m:
-            return f"stages.{int(m.group(1)) - 1}.norm.{m.group(2)}", v
-        return k, v
 
-    return apply_key_fn(state_dict, key_fn)
+#: whai362/PVT ``pvt_v2.py`` names to timm's (= ours); drops head.
+convert_official = regex_renamer([
+    (r"patch_embed(\d)\.(.+)", _official_embed_key),
+    (r"block(\d)\.(\d+)\.(.+)",
+     lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace('mlp.dwconv.dwconv.', 'mlp.dwconv.')}"),
+    (r"norm(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.norm.{m[2]}"),
+], drop=("head.",))
 
 
 def hparams_of_state_dict(state_dict):
