@@ -17,7 +17,10 @@ before/after numbers come from the same interleaved run.
 
 Setting: CPU, float32, eager, ``model.eval()`` under ``torch.no_grad()``,
 random weights (timing does not depend on them), ``--threads`` torch threads
-(default 2). Sizes: 224x224 at batch 8 and 800x1344 at batch 1 (timm's LeViT
+(default 2). ``--cpu-time`` also reports the process CPU time per forward
+(``time.process_time``, all threads together), which another job on the
+machine disturbs far less than the wall time; with ``--threads 1`` it is the
+steadiest A/B measure on a shared machine. Sizes: 224x224 at batch 8 and 800x1344 at batch 1 (timm's LeViT
 and GC ViT only run at their 224 training size, so they are timed at 224
 only). Twins is built without the SVT detection ``extra_norm`` so both sides
 compute the same function.
@@ -63,25 +66,27 @@ def _build(impl: str, variant: str):
 
 def run_worker(impl: str, variant: str, height: int, width: int, batch: int, threads: int, warmup: int,
                iters: int) -> Dict[str, float]:
-    """Time one model in this process; returns per-forward seconds (median, min)."""
+    """Time one model in this process; returns per-forward wall and process CPU seconds (median, min)."""
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = _build(impl, variant).eval()
     x = torch.randn(batch, 3, height, width)
-    times = []
+    times, cpu_times = [], []
     with torch.no_grad():
         for i in range(warmup + iters):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model(x)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times)}
+                cpu_times.append(time.process_time() - cpu_start)
+    return {"median": statistics.median(times), "min": min(times),
+            "cpu_median": statistics.median(cpu_times), "cpu_min": min(cpu_times)}
 
 
-def _measure(impl: str, variant: str, size: str, args, baseline_root: Optional[str]) -> float:
-    """Run one worker process; returns its median forward time in seconds."""
+def _measure(impl: str, variant: str, size: str, args, baseline_root: Optional[str]) -> Dict[str, float]:
+    """Run one worker process; returns its timings (see :func:`run_worker`) in seconds."""
     height, width, batch = SIZES[size]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--variant-name", variant,
            "--worker-size", f"{height}x{width}x{batch}", "--threads", str(args.threads),
@@ -92,40 +97,49 @@ def _measure(impl: str, variant: str, size: str, args, baseline_root: Optional[s
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} {variant} {size} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["median"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def compare(args) -> Dict[Tuple[str, str], Dict[str, List[float]]]:
-    """Interleaved rounds over every pair; returns ``{(variant, size): {impl: [seconds per round]}}``."""
+    """Interleaved rounds over every pair.
+
+    Returns:
+        ``{(variant, size): {impl: [median wall seconds per round], impl + "_cpu": [median CPU seconds]}}``.
+    """
     impls = list(IMPLS) + (["before"] if args.baseline_root else [])
     pairs = [(v, s) for v in args.variants for s in sizes_for(v, args.sizes)]
-    results = {p: {i: [] for i in impls} for p in pairs}
+    results = {p: {k: [] for i in impls for k in (i, i + "_cpu")} for p in pairs}
     for r in range(args.rounds):
         order = impls if r % 2 == 0 else impls[::-1]
         for variant, size in pairs:
             for impl in order:
                 t = _measure(impl, variant, size, args, args.baseline_root)
-                results[(variant, size)][impl].append(t)
-                print(f"round {r + 1}/{args.rounds} {variant:18s} {size:9s} {impl:6s} {t * 1e3:9.1f} ms",
-                      file=sys.stderr, flush=True)
+                results[(variant, size)][impl].append(t["median"])
+                results[(variant, size)][impl + "_cpu"].append(t["cpu_median"])
+                print(f"round {r + 1}/{args.rounds} {variant:18s} {size:9s} {impl:6s} {t['median'] * 1e3:9.1f} ms "
+                      f"(CPU {t['cpu_median'] * 1e3:9.1f} ms)", file=sys.stderr, flush=True)
     return results
 
 
-def markdown_table(results, baseline: bool) -> str:
-    """The README table: medians (ms per forward) and ratios."""
+def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
+    """The README table: medians (ms per forward) and ratios; CPU-time columns with ``cpu_time``."""
     head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm |"
-    rule = "|---|---|---|---|---|"
     if baseline:
         head += " before ms | before / timm |"
-        rule += "---|---|"
-    lines = [head, rule]
+    if cpu_time:
+        head += " pvt_d2 CPU ms | timm CPU ms | CPU ratio |"
+        if baseline:
+            head += " before CPU ms | before / timm CPU |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (variant, size), times in results.items():
         h, w, b = SIZES[size]
-        ours, ref = statistics.median(times["ours"]), statistics.median(times["timm"])
-        line = f"| {variant} | {h}x{w} ({b}) | {ours * 1e3:.1f} | {ref * 1e3:.1f} | {ours / ref:.2f} |"
-        if baseline:
-            before = statistics.median(times["before"])
-            line += f" {before * 1e3:.1f} | {before / ref:.2f} |"
+        line = f"| {variant} | {h}x{w} ({b}) |"
+        for suffix in ("", "_cpu") if cpu_time else ("",):
+            ours, ref = statistics.median(times["ours" + suffix]), statistics.median(times["timm" + suffix])
+            line += f" {ours * 1e3:.1f} | {ref * 1e3:.1f} | {ours / ref:.2f} |"
+            if baseline:
+                before = statistics.median(times["before" + suffix])
+                line += f" {before * 1e3:.1f} | {before / ref:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -140,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per process first (default 2)")
     parser.add_argument("--baseline-root", metavar="DIR",
                         help="also time pvt_d2 imported from this checkout (column 'before')")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also report process CPU time per forward (steadier on a shared machine)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--worker", choices=IMPLS + ("before",), help=argparse.SUPPRESS)
     parser.add_argument("--variant-name", help=argparse.SUPPRESS)
@@ -162,7 +178,7 @@ def main(argv=None) -> int:
     results = compare(args)
     print(f"CPU fp32 eager, {args.threads} threads, torch {torch.__version__}; median over {args.rounds} "
           f"interleaved rounds of each process's median of {args.iters} forwards (ms per forward)\n")
-    print(markdown_table(results, bool(args.baseline_root)))
+    print(markdown_table(results, bool(args.baseline_root), args.cpu_time))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"variant": v, "size": s, **times} for (v, s), times in results.items()], f, indent=2)
