@@ -1,8 +1,12 @@
 """Export of backbones and detectors (tools/export_model.py): trace, torch.export, ONNX.
 
 Every family's exported backbone must equal eager PyTorch at sizes other than
-the one it was exported at, or refuse them with an error (never return wrong
-shapes). Add a family by appending to ``EXPORT_CASES``.
+the one it was exported at, including odd ones: a :func:`torch.jit.trace`
+taken at 96x64 and a :func:`torch.export.export` program with a dynamic
+height and width (from the family's smallest size, see
+``tools.export_model.DYNAMIC_MIN_SIZE``) are run at 131x97, 61x75 and at the
+smallest size, where the deepest stages hold one window / one cell. Add a
+family by appending to ``EXPORT_CASES``.
 """
 import os
 
@@ -11,24 +15,37 @@ import torch
 
 from conftest import CONFIGS
 from pvt_d2.modeling.backbone import create_backbone
-from tools.export_model import BackboneOutputs, export_backbone, export_program, main, max_difference
+from tools.export_model import (
+    BackboneOutputs,
+    ExportError,
+    dynamic_min_size,
+    export_backbone,
+    export_program,
+    main,
+    max_difference,
+)
 
-#: (arch, constructor overrides, torch.export is size-general). The trace of
-#: every listed variant must be size-general.
+#: (arch, constructor overrides): every family's small variant, plus LeViT's
+#: global attention and GC ViT's ImageNet-size windows with masked padding.
 EXPORT_CASES = [
-    ("levit_128s", {}, False),
-    ("levit_128s", {"attn_mode": "global"}, False),
-    ("gcvit_xxtiny", {"window_sizes": (24, 24, 24, 24)}, False),
-    ("gcvit_xxtiny", {"window_sizes": (7, 7, 7, 7), "mask_padding": True}, False),
-    ("vip_s14", {}, False),
+    ("pvt_tiny", {}),
+    ("pvt_v2_b0", {}),
+    ("twins_pcpvt_small", {}),
+    ("twins_svt_small", {}),
+    ("levit_128s", {}),
+    ("levit_128s", {"attn_mode": "global"}),
+    ("gcvit_xxtiny", {"window_sizes": (24, 24, 24, 24)}),
+    ("gcvit_xxtiny", {"window_sizes": (7, 7, 7, 7), "mask_padding": True}),
+    ("vip_s14", {}),
 ]
 EXPORT_HW = (64, 96)
 OTHER_HW = [(97, 131), (75, 61)]
+LARGE_ODD_HW = (333, 517)
 TOL = 1e-4
 
 
 def _ids(case):
-    arch, kwargs, _ = case
+    arch, kwargs = case
     return arch + "".join(f"-{k}={v}" for k, v in kwargs.items()).replace(" ", "")
 
 
@@ -47,59 +64,70 @@ def _image(h, w, seed=1):
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
-def test_trace_follows_the_input_size(case):
-    arch, kwargs, _ = case
-    model = _model(arch, kwargs)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, (_image(*EXPORT_HW),), check_trace=False)
-    for hw in [EXPORT_HW] + OTHER_HW:
+def _assert_matches(model, run, sizes):
+    for hw in sizes:
         x = _image(*hw, seed=hw[0])
         expected = _eager(model, x)
         with torch.no_grad():
-            got = traced(x)
-        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected]
+            got = list(run(x))
+        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected], hw
         assert max_difference(expected, got) < TOL, hw
 
 
-@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
-def test_torch_export_is_size_general_or_refuses(case):
-    arch, kwargs, dynamic_expected = case
-    model = _model(arch, kwargs)
-    program, dynamic = export_program(model, _image(*EXPORT_HW))
-    assert dynamic == dynamic_expected
-    module = program.module()
+def _trace(model):
     with torch.no_grad():
-        assert max_difference(_eager(model, _image(*EXPORT_HW)), module(_image(*EXPORT_HW))) < TOL
-    for hw in OTHER_HW:
-        x = _image(*hw, seed=hw[0])
-        if dynamic:
-            with torch.no_grad():
-                assert max_difference(_eager(model, x), module(x)) < TOL, hw
-        else:
-            with pytest.raises(Exception, match="size|shape|Guard"), torch.no_grad():
-                module(x)
+        return torch.jit.trace(model, (_image(*EXPORT_HW),), check_trace=False)
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
+def test_trace_follows_the_input_size(case):
+    model = _model(*case)
+    _assert_matches(model, _trace(model), [EXPORT_HW] + OTHER_HW)
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
+def test_torch_export_is_dynamic_in_height_and_width(case):
+    model = _model(*case)
+    program, dynamic = export_program(model, _image(*EXPORT_HW))
+    assert dynamic
+    smallest = dynamic_min_size(model.backbone)
+    # the smallest size (odd width): the deepest levels are 1 cell / 1 window wide
+    _assert_matches(model, program.module(), [EXPORT_HW] + OTHER_HW + [(smallest, smallest + 2)])
+    with pytest.raises(Exception, match="Guard failed|size|shape"), torch.no_grad():
+        program.module()(_image(smallest - 1, 64))
 
 
 @pytest.mark.slow
-def test_trace_at_a_large_odd_size():
-    model = _model("levit_128s", {})
-    with torch.no_grad():
-        traced = torch.jit.trace(model, (_image(*EXPORT_HW),), check_trace=False)
-        x = _image(333, 517)
-        assert max_difference(_eager(model, x), traced(x)) < TOL
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
+def test_trace_and_export_at_a_large_odd_size(case):
+    model = _model(*case)
+    program, _ = export_program(model, _image(*EXPORT_HW))
+    _assert_matches(model, _trace(model), [LARGE_ODD_HW])
+    _assert_matches(model, program.module(), [LARGE_ODD_HW])
 
 
-def test_onnx_backbone_at_other_sizes(tmp_path):
+def test_dynamic_export_refuses_an_example_below_the_smallest_size():
+    model = _model("gcvit_xxtiny", {"window_sizes": (24, 24, 24, 24)})
+    with pytest.raises(ExportError, match="below the smallest size 33"):
+        export_program(model, _image(32, 40))
+
+
+def test_smallest_dynamic_sizes():
+    sizes = {arch + "".join(kwargs.values()): dynamic_min_size(_model(arch, kwargs).backbone)
+             for arch, kwargs in [("pvt_tiny", {}), ("levit_128s", {}), ("levit_128s", {"attn_mode": "global"}),
+                                  ("vip_s14", {}), ("gcvit_xxtiny", {})]}
+    assert sizes == {"pvt_tiny": 33, "levit_128s": 17, "levit_128sglobal": 33, "vip_s14": 17, "gcvit_xxtiny": 33}
+
+
+@pytest.mark.parametrize("arch", ["levit_128s"])
+def test_onnx_backbone_with_dynamic_axes(tmp_path, arch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    model = _model("levit_128s", {})
+    model = _model(arch, {})
     run, how = export_backbone(model.backbone, "onnx", _image(*EXPORT_HW), str(tmp_path / "b.onnx"))
-    assert "onnxruntime" in how
-    for hw in [EXPORT_HW] + OTHER_HW[:1]:
-        x = _image(*hw, seed=hw[0])
-        assert max_difference(_eager(model, x), run(x)) < TOL, hw
+    assert how == "ONNX via onnxruntime, dynamic H and W"
+    _assert_matches(model, run, [EXPORT_HW] + OTHER_HW)
 
 
 @pytest.mark.slow

@@ -16,9 +16,11 @@ Formats (``--format``):
   :class:`~detectron2.export.TracingAdapter` (images in, flattened
   ``Instances`` fields out, before the resize to the original image size).
 * ``export``: :func:`torch.export.export` with a dynamic height and width
-  (``backbone.pt2``). A backbone whose graph cannot be made size-general
-  is exported at the fixed ``--size`` instead, with a note; that program
-  rejects any other size with torch.export's input-shape error.
+  (``backbone.pt2``), from the family's smallest size (:func:`dynamic_min_size`:
+  17 for ViP and LeViT's window attention, 33 otherwise) to 4096; the program
+  rejects sizes outside that range with torch.export's input-shape error.
+  Should a backbone's graph not be size-general, it is exported at the fixed
+  ``--size`` instead, with a note, and rejects any other size.
 * ``onnx``: :func:`torch.onnx.export` (``backbone.onnx``) with dynamic height and
   width, checked with onnxruntime when it is installed. Needs the optional
   ``onnx`` extra (``pip install -e .[onnx]``).
@@ -36,9 +38,10 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, see export_program)
 from torch import nn
 
 from pvt_d2.checkpoint import bottom_up_backbone
@@ -67,23 +70,67 @@ class BackboneOutputs(nn.Module):
         return tuple(out[k] for k in self.names)
 
 
-def dynamic_hw(min_size: int = 32, max_size: int = 4096):
+#: Smallest image side of the dynamic torch.export program (default for every family).
+#: Below it a size-dependent guard cannot be avoided: the stride-32 level must be larger
+#: than 1x1 (export picks the memory format of a convolution on a 1x1 channels-last map,
+#: and PVT v1's position-embedding upsampling, by a guard; LeViT's global attention
+#: asserts more than one key).
+DEFAULT_MIN_SIZE = 33
+#: Families that go lower: LeViT in window mode and ViP only need a stride-16 grid
+#: larger than 1x1.
+DYNAMIC_MIN_SIZE = {"LevitBackbone": 17, "VisionPermutator": 17}
+MAX_SIZE = 4096
+
+
+def dynamic_min_size(backbone: nn.Module) -> int:
+    """Smallest height / width the dynamic torch.export program of ``backbone`` accepts."""
+    if getattr(backbone, "attn_mode", "window") != "window":  # LeViT's global attention
+        return DEFAULT_MIN_SIZE
+    return DYNAMIC_MIN_SIZE.get(type(backbone).__name__, DEFAULT_MIN_SIZE)
+
+
+def dynamic_hw(min_size: int = DEFAULT_MIN_SIZE, max_size: int = MAX_SIZE):
     """``dynamic_shapes`` for one ``(B, C, H, W)`` input with a dynamic height and width."""
     h = torch.export.Dim("height", min=min_size, max=max_size)
     w = torch.export.Dim("width", min=min_size, max=max_size)
     return ({2: h, 3: w},)
 
 
-def export_program(module: nn.Module, example: torch.Tensor, dynamic: bool = True):
+def export_program(module: nn.Module, example: torch.Tensor, dynamic: bool = True, min_size: Optional[int] = None):
     """:func:`torch.export.export` of ``module``, dynamic in H and W when possible.
+
+    The export runs with PyTorch's ``backed_size_oblivious`` shape reasoning:
+    whether a reshape is a view, or whether a tensor is contiguous, depends on
+    whether a size is 1 (one attention window, a 1x1 level), and plain
+    reasoning would turn each such question into a guard on the input size.
+    Size-oblivious reasoning takes the general answer and adds a run-time
+    check where the answer matters; the backbones copy explicitly while they
+    are recorded (:func:`pvt_d2.modeling.backbone.layers.to_contiguous`), so
+    the general answer holds at every size in the range (the tests check
+    sizes with one window per stage).
+
+    Args:
+        module: the module to export (one image tensor in).
+        example: example input ``(B, C, H, W)``.
+        dynamic: try a program dynamic in H and W first.
+        min_size: smallest height / width of the dynamic program (default:
+            :func:`dynamic_min_size` of the backbone inside ``module``).
 
     Returns:
         ``(program, dynamic)``: the exported program and whether it is size-general.
-        When the dynamic export fails, the module is exported at the example size.
+        When the dynamic export fails, the module is exported at the example size,
+        and the program rejects any other size.
     """
     if dynamic:
+        if min_size is None:
+            min_size = dynamic_min_size(getattr(module, "backbone", module))
+        if min(example.shape[-2:]) < min_size:
+            raise ExportError(f"the export size {example.shape[-2]}x{example.shape[-1]} (H x W) is below "
+                              f"the smallest size {min_size} of a dynamic torch.export program of this backbone")
         try:
-            return torch.export.export(module, (example,), dynamic_shapes=dynamic_hw()), True
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                program = torch.export.export(module, (example,), dynamic_shapes=dynamic_hw(min_size))
+            return program, True
         except Exception as e:  # noqa: BLE001  (torch raises several kinds for unsupported dynamism)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"NOTE: no dynamic-size export ({type(e).__name__}: {first[:200]}); "
@@ -124,7 +171,8 @@ def export_backbone(backbone: nn.Module, fmt: str, example: torch.Tensor, path: 
             program, dynamic = export_program(module, example)
             torch.export.save(program, path)
             loaded = torch.export.load(path).module()
-            return (lambda x: loaded(x)), "torch.export, " + ("dynamic H and W" if dynamic else "fixed size")
+            how = f"dynamic H and W in [{dynamic_min_size(backbone)}, {MAX_SIZE}]" if dynamic else "fixed size"
+            return (lambda x: loaded(x)), "torch.export, " + how
         return _export_onnx(module, example, path)
 
 

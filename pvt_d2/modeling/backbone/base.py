@@ -29,7 +29,7 @@ from timm.layers import calculate_drop_path_rates
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, to_contiguous
 
 __all__ = [
     "PyramidBackbone",
@@ -225,7 +225,7 @@ class PyramidBackbone(Backbone):
                 f"the minimum of {self._min_input_size} px per side")
         feats = self.forward_features(x, self._out_features)
         # Families may keep maps channels-last internally; callers get plain NCHW tensors.
-        outputs = {k: feats[k].contiguous() for k in self._out_features}
+        outputs = {k: to_contiguous(feats[k]) for k in self._out_features}
         if self.output_norms is not None:
             outputs = {k: self.output_norms[k](v) for k, v in outputs.items()}
         return outputs

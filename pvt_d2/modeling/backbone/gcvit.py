@@ -93,7 +93,17 @@ from timm.layers import DropPath, LayerScale, SEModule, trunc_normal_
 from torch import nn
 
 from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import LayerNorm2d, Mlp, inference_inplace, is_tracing, pad_to_multiple, residual_add, window_partition
+from .layers import (
+    LayerNorm2d,
+    Mlp,
+    crop_to,
+    inference_inplace,
+    is_tracing,
+    pad_to_multiple,
+    residual_add,
+    to_contiguous,
+    window_partition,
+)
 from .key_mapping import (
     FamilyMapping,
     apply_key_fn,
@@ -453,10 +463,11 @@ class GCViTBlock(nn.Module):
         nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
         if is_tracing() or nh * ws != h or nw * ws != w:
             x = F.pad(x, (0, 0, 0, nw * ws - w, 0, nh * ws - h))
-        windows = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * nw, ws * ws, c)
-        windows = self.attn(windows, q_global, key_padding)
-        x = windows.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, nw * ws, c)
-        return x[:, :h, :w]
+        windows = to_contiguous(x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5))
+        windows = self.attn(windows.view(b, nh * nw, ws * ws, c), q_global, key_padding)
+        x = to_contiguous(windows.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5))
+        x = x.view(b, nh * ws, nw * ws, c)
+        return crop_to(x, (h, w), channels_last=True)
 
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -542,7 +553,7 @@ class GCViTStage(nn.Module):
         x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
             x = checkpoint_block(blk, x, q_global, key_padding)
-        return self.norm(x).permute(0, 3, 1, 2).contiguous()
+        return to_contiguous(self.norm(x).permute(0, 3, 1, 2))
 
 
 class GCViT(PyramidBackbone):

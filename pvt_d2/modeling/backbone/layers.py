@@ -39,6 +39,8 @@ __all__ = [
     "pad_to_multiple",
     "window_partition",
     "window_unpartition",
+    "crop_to",
+    "to_contiguous",
     "resize_pos_embed",
     "LayerNorm2d",
     "SpatialReductionAttention",
@@ -87,8 +89,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int,
         The padded tensor and the number of padded rows and columns ``(pad_h, pad_w)``.
     """
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
-    pad_h = (multiple - h % multiple) % multiple
-    pad_w = (multiple - w % multiple) % multiple
+    # ceil(h / m) * m - h: a floor division that torch.export's symbolic sizes follow
+    # and simplify (a nested modulo would build ever larger expressions, stage after stage).
+    pad_h = -(-h // multiple) * multiple - h
+    pad_w = -(-w // multiple) * multiple - w
     if is_tracing() or pad_h or pad_w:
         if channels_last:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -109,26 +113,61 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
         ``(B * num_windows, window_size, window_size, C)``.
     """
     b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    nh, nw = h // window_size, w // window_size
+    x = x.view(b, nh, window_size, nw, window_size, c)
+    # Sizes spelled out (no -1) and an explicit copy: torch.export then follows any window
+    # count (a reshape would be a view for a single window row or column, a copy otherwise).
+    return to_contiguous(x.permute(0, 1, 3, 2, 4, 5)).view(b * nh * nw, window_size, window_size, c)
 
 
-def window_unpartition(windows: torch.Tensor, window_size: int, hw: Tuple[int, int]) -> torch.Tensor:
+def window_unpartition(windows: torch.Tensor, window_size: int, hw: Tuple[int, int],
+                       batch: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`window_partition`.
 
     Args:
         windows: ``(B * num_windows, window_size, window_size, C)``.
         window_size: side of a window.
         hw: the (padded) height and width the windows were cut from.
+        batch: ``B`` when known (spares torch.export a division of symbolic sizes).
 
     Returns:
         ``(B, H, W, C)``.
     """
     h, w = hw
     nh, nw = h // window_size, w // window_size
-    b = windows.shape[0] // (nh * nw)
-    x = windows.view(b, nh, nw, window_size, window_size, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    b = windows.shape[0] // (nh * nw) if batch is None else batch
+    c = windows.shape[-1]
+    x = windows.view(b, nh, nw, window_size, window_size, c)
+    return to_contiguous(x.permute(0, 1, 3, 2, 4, 5)).view(b, h, w, c)
+
+
+def to_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous()``; while recording (:func:`is_tracing`) always a copy.
+
+    ``contiguous()`` asks whether ``x`` already is, which for a permuted map
+    depends on whether a side is 1 (one window, a 1-pixel level): under
+    :func:`torch.export.export` that question becomes a guard on the input
+    size. A copy in the contiguous layout has the same values and shape.
+    """
+    if is_tracing():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
+def crop_to(x: torch.Tensor, hw: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
+    """The top-left ``hw`` of a map padded by :func:`pad_to_multiple` (``(B, C, H, W)`` or channels-last).
+
+    In eager mode a slice (a view). While recording (:func:`is_tracing`) an
+    ``index_select`` of the first rows and columns instead: its output size is
+    the index length, which :func:`torch.export.export` follows without having
+    to prove ``h <= ceil(h / m) * m`` (which its symbolic reasoning cannot).
+    """
+    h, w = hw
+    if is_tracing():
+        hdim, wdim = (1, 2) if channels_last else (2, 3)
+        x = x.index_select(hdim, torch.arange(h, device=x.device))
+        return x.index_select(wdim, torch.arange(w, device=x.device))
+    return x[:, :h, :w] if channels_last else x[:, :, :h, :w]
 
 
 def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -143,7 +182,15 @@ def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens (contiguous, without a copy, for a channels-last map)."""
+    """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens (contiguous, without a copy, for a channels-last map).
+
+    While recording (:func:`is_tracing`) an explicit copy: whether ``flatten`` can
+    be a view depends on whether a side is 1, a guard on the input size for
+    :func:`torch.export.export`.
+    """
+    if is_tracing():
+        b, c, h, w = x.shape
+        return to_contiguous(x.permute(0, 2, 3, 1)).view(b, h * w, c)
     return x.flatten(2).transpose(1, 2)
 
 

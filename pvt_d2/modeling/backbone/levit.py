@@ -70,7 +70,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import inference_inplace, is_tracing
+from .layers import crop_to, inference_inplace, is_tracing, to_contiguous
 from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
 from .registry import register_architectures
 
@@ -478,7 +478,7 @@ class _OffsetBiasAttention(nn.Module):
         if is_tracing() or ty * r != h or tx * r != w:
             x = F.pad(x, (0, 0, 0, tx * r - w, 0, ty * r - h))
         x = x.view(b, ty, r, tx, r, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, ty * tx, r * r, c)
+        return to_contiguous(x).view(b, ty * tx, r * r, c)  # a copy for any tile count (see to_contiguous)
 
     def from_tiles(self, x: torch.Tensor, geo: TileGeometry, hw: Tuple[int, int]) -> torch.Tensor:
         """Inverse of :meth:`to_tiles`, cropping the padding."""
@@ -486,8 +486,8 @@ class _OffsetBiasAttention(nn.Module):
         if self.attn_mode == "global":
             return x.reshape(b, hw[0], hw[1], c)
         ty, tx = geo.tiles
-        x = x.reshape(b, ty, tx, r, r, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ty * r, tx * r, c)
-        return x[:, :hw[0], :hw[1]]
+        x = to_contiguous(x.reshape(b, ty, tx, r, r, c).permute(0, 1, 3, 2, 4, 5)).view(b, ty * r, tx * r, c)
+        return crop_to(x, hw, channels_last=True)
 
     def split_heads(self, x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
         """``(B, T, N, heads * sum(sizes))`` to per-head ``(B, T, heads, N, size)`` pieces."""

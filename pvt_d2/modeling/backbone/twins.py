@@ -52,10 +52,12 @@ from .layers import (
     Mlp,
     PatchEmbed,
     SpatialReductionAttention,
+    crop_to,
     init_weights,
     map_to_tokens,
     pad_to_multiple,
     residual_add,
+    to_contiguous,
     tokens_to_map,
     window_partition,
     window_unpartition,
@@ -113,15 +115,16 @@ class LocallyGroupedAttention(nn.Module):
         ws, heads = self.window_size, self.num_heads
         grid, _ = pad_to_multiple(x.view(b, h, w, c), ws, channels_last=True)
         padded_hw = (grid.shape[1], grid.shape[2])
+        num_windows = (padded_hw[0] // ws) * (padded_hw[1] // ws)  # sizes spelled out for torch.export
         # (B, windows, ws*ws, C): the image and window axes stay apart, the batch
         # layout of the reference, so the attention products sum identically.
-        windows = window_partition(grid, ws).reshape(b, -1, ws * ws, c)
-        qkv = self.qkv(windows).reshape(b, windows.shape[1], ws * ws, 3, heads, c // heads)
+        windows = window_partition(grid, ws).reshape(b, num_windows, ws * ws, c)
+        qkv = self.qkv(windows).reshape(b, num_windows, ws * ws, 3, heads, c // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
         out = self._attention(q, k, v)
-        out = out.transpose(2, 3).reshape(-1, ws, ws, c)
-        out = window_unpartition(out, ws, padded_hw)[:, :h, :w]
-        return self.proj_drop(self.proj(out.reshape(b, n, c)))
+        out = out.transpose(2, 3).reshape(b * num_windows, ws, ws, c)
+        out = crop_to(window_unpartition(out, ws, padded_hw, batch=b), hw, channels_last=True)
+        return self.proj_drop(self.proj(out.reshape(b, h * w, c)))
 
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ class PositionEncodingGenerator(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         # A contiguous NCHW map, as in the reference: its depthwise conv then sums
         # in the same order (the channels-last kernel rounds differently).
-        feat = tokens_to_map(x, hw).contiguous()
+        feat = to_contiguous(tokens_to_map(x, hw))
         return map_to_tokens(self.proj(feat) + feat)
 
 

@@ -274,7 +274,13 @@ class DownsampleNeck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.steps):
-            x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+            if is_tracing():
+                # The same maxima with shapes torch.export follows: pad odd sides with -inf
+                # (never a maximum), then pool in floor mode (ceil mode's shape is a guard).
+                pad_h, pad_w = -(-x.shape[-2] // 2) * 2 - x.shape[-2], -(-x.shape[-1] // 2) * 2 - x.shape[-1]
+                x = F.max_pool2d(F.pad(x, (0, pad_w, 0, pad_h), value=float("-inf")), kernel_size=2, stride=2)
+            else:
+                x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
         return x
 
 
