@@ -119,7 +119,7 @@ def test_smallest_dynamic_sizes():
     assert sizes == {"pvt_tiny": 33, "levit_128s": 17, "levit_128sglobal": 33, "vip_s14": 17, "gcvit_xxtiny": 33}
 
 
-@pytest.mark.parametrize("arch", ["levit_128s"])
+@pytest.mark.parametrize("arch", ["levit_128s", "vip_s14"])
 def test_onnx_backbone_with_dynamic_axes(tmp_path, arch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")

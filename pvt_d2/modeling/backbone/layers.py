@@ -89,10 +89,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int,
         The padded tensor and the number of padded rows and columns ``(pad_h, pad_w)``.
     """
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
-    # ceil(h / m) * m - h: a floor division that torch.export's symbolic sizes follow
-    # and simplify (a nested modulo would build ever larger expressions, stage after stage).
-    pad_h = -(-h // multiple) * multiple - h
-    pad_w = -(-w // multiple) * multiple - w
+    # ceil(h / m) * m - h as a floor division of non-negative sizes: torch.export's symbolic
+    # sizes follow and simplify it (a nested modulo grows stage after stage), and ONNX's
+    # integer Div (which truncates) computes it right.
+    pad_h = (h + multiple - 1) // multiple * multiple - h
+    pad_w = (w + multiple - 1) // multiple * multiple - w
     if is_tracing() or pad_h or pad_w:
         if channels_last:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -142,14 +143,14 @@ def window_unpartition(windows: torch.Tensor, window_size: int, hw: Tuple[int, i
 
 
 def to_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x.contiguous()``; while recording (:func:`is_tracing`) always a copy.
+    """``x.contiguous()``; while :func:`torch.export.export` records the model, always a copy.
 
     ``contiguous()`` asks whether ``x`` already is, which for a permuted map
     depends on whether a side is 1 (one window, a 1-pixel level): under
     :func:`torch.export.export` that question becomes a guard on the input
     size. A copy in the contiguous layout has the same values and shape.
     """
-    if is_tracing():
+    if torch.compiler.is_compiling():
         return x.clone(memory_format=torch.contiguous_format)
     return x.contiguous()
 
@@ -157,13 +158,14 @@ def to_contiguous(x: torch.Tensor) -> torch.Tensor:
 def crop_to(x: torch.Tensor, hw: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
     """The top-left ``hw`` of a map padded by :func:`pad_to_multiple` (``(B, C, H, W)`` or channels-last).
 
-    In eager mode a slice (a view). While recording (:func:`is_tracing`) an
-    ``index_select`` of the first rows and columns instead: its output size is
-    the index length, which :func:`torch.export.export` follows without having
-    to prove ``h <= ceil(h / m) * m`` (which its symbolic reasoning cannot).
+    A slice (a view), also in a :func:`torch.jit.trace` (and so in ONNX).
+    While :func:`torch.export.export` records the model, an ``index_select``
+    of the first rows and columns instead: its output size is the index
+    length, which export follows without having to prove
+    ``h <= ceil(h / m) * m`` (which its symbolic reasoning cannot).
     """
     h, w = hw
-    if is_tracing():
+    if torch.compiler.is_compiling():
         hdim, wdim = (1, 2) if channels_last else (2, 3)
         x = x.index_select(hdim, torch.arange(h, device=x.device))
         return x.index_select(wdim, torch.arange(w, device=x.device))
@@ -184,11 +186,11 @@ def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` map to ``(B, H*W, C)`` tokens (contiguous, without a copy, for a channels-last map).
 
-    While recording (:func:`is_tracing`) an explicit copy: whether ``flatten`` can
-    be a view depends on whether a side is 1, a guard on the input size for
-    :func:`torch.export.export`.
+    While :func:`torch.export.export` records the model, an explicit copy:
+    whether ``flatten`` can be a view depends on whether a side is 1, a guard
+    on the input size there.
     """
-    if is_tracing():
+    if torch.compiler.is_compiling():
         b, c, h, w = x.shape
         return to_contiguous(x.permute(0, 2, 3, 1)).view(b, h * w, c)
     return x.flatten(2).transpose(1, 2)

@@ -124,7 +124,7 @@ class LocallyGroupedAttention(nn.Module):
         out = self._attention(q, k, v)
         out = out.transpose(2, 3).reshape(b * num_windows, ws, ws, c)
         out = crop_to(window_unpartition(out, ws, padded_hw, batch=b), hw, channels_last=True)
-        return self.proj_drop(self.proj(out.reshape(b, h * w, c)))
+        return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

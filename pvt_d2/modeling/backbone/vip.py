@@ -277,7 +277,7 @@ class DownsampleNeck(nn.Module):
             if is_tracing():
                 # The same maxima with shapes torch.export follows: pad odd sides with -inf
                 # (never a maximum), then pool in floor mode (ceil mode's shape is a guard).
-                pad_h, pad_w = -(-x.shape[-2] // 2) * 2 - x.shape[-2], -(-x.shape[-1] // 2) * 2 - x.shape[-1]
+                pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
                 x = F.max_pool2d(F.pad(x, (0, pad_w, 0, pad_h), value=float("-inf")), kernel_size=2, stride=2)
             else:
                 x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
@@ -430,7 +430,8 @@ class VisionPermutator(PyramidBackbone):
         for name, out in self._trunk(self.resample_input(x), needed).items():
             stride = self.level_strides[name]
             y = self.necks[name](out.permute(0, 3, 1, 2))
-            features[name] = y[..., : -(-height // stride), : -(-width // stride)]
+            # ceil(H / stride) as a floor division of non-negative sizes (ONNX's Div truncates)
+            features[name] = y[..., : (height + stride - 1) // stride, : (width + stride - 1) // stride]
         return features
 
 
