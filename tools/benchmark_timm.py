@@ -4,6 +4,7 @@
     python tools/benchmark_timm.py                                   # all pairs, 2 threads, 3 rounds
     python tools/benchmark_timm.py --variants pvt_v2_b2 twins_svt_small --rounds 5
     python tools/benchmark_timm.py --sizes 224 --baseline-root /tmp/old_checkout
+    python tools/benchmark_timm.py --variants pvt_tiny --sizes 800x1344 --baseline-root /tmp/old_checkout  # no timm PVT v1
 
 Every measurement runs in its own Python process (``--worker`` mode of this
 script), so one model's allocator state, thread pools and caches never affect
@@ -36,7 +37,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-VARIANTS = ("pvt_v2_b2", "twins_pcpvt_small", "twins_svt_small", "levit_256", "gcvit_tiny")
+#: Variants with a timm ``features_only`` counterpart (the default set).
+TIMM_VARIANTS = ("pvt_v2_b2", "twins_pcpvt_small", "twins_svt_small", "levit_256", "gcvit_tiny")
+#: Variants timm lacks (PVT v1): timed against ``--baseline-root`` only.
+NO_TIMM = ("pvt_tiny",)
+VARIANTS = TIMM_VARIANTS + NO_TIMM
 #: Families timm can only run at their training resolution.
 ONLY_224 = ("levit", "gcvit")
 #: ``name`` -> (height, width, batch size).
@@ -113,6 +118,8 @@ def compare(args) -> Dict[Tuple[str, str], Dict[str, List[float]]]:
         order = impls if r % 2 == 0 else impls[::-1]
         for variant, size in pairs:
             for impl in order:
+                if impl == "timm" and variant in NO_TIMM:
+                    continue
                 t = _measure(impl, variant, size, args, args.baseline_root)
                 results[(variant, size)][impl].append(t["median"])
                 results[(variant, size)][impl + "_cpu"].append(t["cpu_median"])
@@ -125,28 +132,32 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
     """The README table: medians (ms per forward) and ratios; CPU-time columns with ``cpu_time``."""
     head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm |"
     if baseline:
-        head += " before ms | before / timm |"
+        head += " before ms | before / timm | pvt_d2 / before |"
     if cpu_time:
         head += " pvt_d2 CPU ms | timm CPU ms | CPU ratio |"
         if baseline:
-            head += " before CPU ms | before / timm CPU |"
+            head += " before CPU ms | before / timm CPU | pvt_d2 / before CPU |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (variant, size), times in results.items():
         h, w, b = SIZES[size]
         line = f"| {variant} | {h}x{w} ({b}) |"
         for suffix in ("", "_cpu") if cpu_time else ("",):
-            ours, ref = statistics.median(times["ours" + suffix]), statistics.median(times["timm" + suffix])
-            line += f" {ours * 1e3:.1f} | {ref * 1e3:.1f} | {ours / ref:.2f} |"
+            ours = statistics.median(times["ours" + suffix])
+            ref = statistics.median(times["timm" + suffix]) if times["timm" + suffix] else None
+            line += f" {ours * 1e3:.1f} | " + ("n/a | n/a |" if ref is None else f"{ref * 1e3:.1f} | {ours / ref:.2f} |")
             if baseline:
                 before = statistics.median(times["before" + suffix])
-                line += f" {before * 1e3:.1f} | {before / ref:.2f} |"
+                line += f" {before * 1e3:.1f} | " + ("n/a" if ref is None else f"{before / ref:.2f}")
+                line += f" | {ours / before:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(TIMM_VARIANTS), choices=VARIANTS,
+                        help="default: every variant with a timm counterpart; " + ", ".join(NO_TIMM)
+                        + " (no timm model) only against --baseline-root")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
