@@ -95,7 +95,9 @@ from torch import nn
 from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import (
     LayerNorm2d,
+    Linear,
     Mlp,
+    attention_chunks,
     crop_to,
     inference_inplace,
     is_tracing,
@@ -379,9 +381,9 @@ class GlobalContextAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.use_global = use_global
         self.rel_pos = RelativePositionBias(window_size, pretrain_window_size, num_heads)
-        self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
+        self.qkv = Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
@@ -404,10 +406,22 @@ class GlobalContextAttention(nn.Module):
             q = q_global.reshape(b, 1, n, heads, hd).transpose(2, 3)  # broadcast over the windows
         else:
             q, k, v = self.qkv(x).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self.rel_pos().to(x.dtype)
+        if not inference_inplace(x):
+            out = self._attend(q, k, v, bias, key_padding)
+        else:  # a few images or windows at a time: their attention weights stay in cache (bit-identical)
+            out = x.new_empty(b, nw, heads, n, hd)
+            for imgs, wins in attention_chunks(b, nw, heads * n * n):
+                out[imgs, wins] = self._attend(q[imgs, wins if q.shape[1] > 1 else slice(None)], k[imgs, wins],
+                                               v[imgs, wins], bias, None if key_padding is None else key_padding[wins])
+        return self.proj_drop(self.proj(out.transpose(2, 3).reshape(b, nw, n, c)))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        """Softmax attention of ``(B, nW, heads, N, head_dim)`` inputs (``q`` may have one window), same layout out."""
         # Two matmuls around a softmax, as timm: SDPA's generic CPU path (taken with a float mask)
         # adds guards against fully masked rows, which cannot occur here (every window holds a real key).
         attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, nW, heads, N, N)
-        bias = self.rel_pos().to(attn.dtype)
         inplace = inference_inplace(attn)
         attn = attn.add_(bias) if inplace else attn + bias
         if key_padding is not None:  # per window, shared by the images of the batch
@@ -416,8 +430,7 @@ class GlobalContextAttention(nn.Module):
         attn = attn.softmax(dim=-1)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
-        out = torch.matmul(attn, v).transpose(2, 3).reshape(b, nw, n, c)
-        return self.proj_drop(self.proj(out))
+        return torch.matmul(attn, v)
 
 
 class GCViTBlock(nn.Module):

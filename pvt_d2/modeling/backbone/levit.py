@@ -70,7 +70,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import crop_to, inference_inplace, is_tracing, to_contiguous
+from .layers import Linear, crop_to, inference_inplace, is_tracing, to_contiguous
 from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
 from .registry import register_architectures
 
@@ -252,7 +252,7 @@ class LinearBN(_FoldableBN):
 
     def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Linear(in_features, out_features, bias=False)  # MKL-packed weights in inference
         self.bn = nn.BatchNorm1d(out_features)
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
