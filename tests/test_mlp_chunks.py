@@ -91,3 +91,50 @@ def test_packed_linear_follows_weight_updates_copies_and_grad():
     y = lin(x.requires_grad_())
     y.sum().backward()
     assert lin.weight.grad is not None and x.grad.shape == x.shape
+
+
+# --------------------------------------------------------------------------- window attention in chunks
+def test_attention_chunks_cover_everything_in_order():
+    assert layers.attention_chunks(8, 64, 100, budget=10 ** 6) == [(slice(None), slice(None))]
+    # two images per chunk
+    assert layers.attention_chunks(5, 4, 100, budget=800) == [(slice(i, i + 2), slice(None)) for i in (0, 2, 4)]
+    # one image's windows exceed the budget: near-equal runs of windows, image by image
+    chunks = layers.attention_chunks(2, 10, 100, budget=400)
+    assert chunks == [(slice(i, i + 1), slice(w, w + 4)) for i in (0, 1) for w in (0, 4, 8)]
+    assert layers.attention_chunks(1, 3, 100, budget=10) == [(slice(0, 1), slice(w, w + 1)) for w in range(3)]
+
+
+@pytest.mark.parametrize("family", ["gcvit", "twins"])
+@pytest.mark.parametrize("budget", [1, 49 * 49 * 2 * 5, 49 * 49 * 2 * 12 * 2])  # windows, images
+def test_chunked_window_attention_bit_identical(monkeypatch, family, budget):
+    from pvt_d2.modeling.backbone import gcvit, twins
+
+    torch.manual_seed(0)
+    if family == "gcvit":
+        attn = gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False).eval()
+        x = torch.randn(3, 12, 49, 32)
+        run = lambda: attn(x)  # noqa: E731
+    else:
+        attn = twins.LocallyGroupedAttention(32, 2, window_size=7).eval()
+        x = torch.randn(3, 20 * 25, 32)  # 3 x 4 windows of 7x7 after padding
+        run = lambda: attn(x, (20, 25))  # noqa: E731
+    module = gcvit if family == "gcvit" else twins
+    with torch.no_grad():
+        monkeypatch.setattr(module, "attention_chunks", lambda *a: [(slice(None), slice(None))])
+        whole = run()
+        monkeypatch.setattr(module, "attention_chunks", lambda b, w, p: layers.attention_chunks(b, w, p, budget))
+        chunked = run()
+    assert torch.equal(chunked, whole)
+    # with autograd the unchunked path runs (and gives the same values)
+    xg = x.clone().requires_grad_()
+    graph = attn(xg) if family == "gcvit" else attn(xg, (20, 25))
+    assert graph.requires_grad and torch.equal(graph.detach(), whole)
+
+
+def test_contiguous_nchw_equals_contiguous():
+    tokens = torch.randn(3, 5 * 7, 16)
+    view = layers.tokens_to_map(tokens, (5, 7))  # channels-last view
+    out = layers.contiguous_nchw(view)
+    assert out.is_contiguous() and torch.equal(out, view.contiguous())
+    dense = torch.randn(2, 4, 3, 3)
+    assert layers.contiguous_nchw(dense) is dense
