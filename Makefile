@@ -2,7 +2,7 @@
 # (install.sh is idempotent: seconds when the environment is up to date).
 PY := .venv/bin/python
 
-.PHONY: install quickstart test test-fast configs
+.PHONY: install quickstart test test-slow test-all configs
 
 install:
 	bash install.sh
@@ -10,11 +10,16 @@ install:
 quickstart: install
 	$(PY) tools/quickstart.py
 
+# The README's test command: the suite without the tests marked slow.
 test: install
-	$(PY) -m pytest -q -n 2
-
-test-fast: install
 	$(PY) -m pytest -q -n 2 -m "not slow"
+
+# The tests marked slow (longer training runs, every config, large exports); CI runs them after `make test`.
+test-slow: install
+	$(PY) -m pytest -q -n 2 -m slow
+
+test-all: install
+	$(PY) -m pytest -q -n 2
 
 configs:
 	$(PY) tools/generate_configs.py

@@ -1,4 +1,7 @@
-"""Inference fast paths compute what the plain paths compute: ``layers.Mlp``'s chunks, ``layers.Linear``'s packed GEMM."""
+"""Inference fast paths compute what the plain paths compute.
+
+``layers.Mlp``'s chunks and ``layers.Linear``'s packed GEMM.
+"""
 import copy
 import io
 

@@ -4,7 +4,8 @@
     python tools/benchmark_timm.py                                   # all pairs, 2 threads, 3 rounds
     python tools/benchmark_timm.py --variants pvt_v2_b2 twins_svt_small --rounds 5
     python tools/benchmark_timm.py --sizes 224 --baseline-root /tmp/old_checkout
-    python tools/benchmark_timm.py --variants pvt_tiny --sizes 800x1344 --baseline-root /tmp/old_checkout  # no timm PVT v1
+    # PVT v1 (no timm model): only against another checkout
+    python tools/benchmark_timm.py --variants pvt_tiny --sizes 800x1344 --baseline-root /tmp/old_checkout
 
 Every measurement runs in its own Python process (``--worker`` mode of this
 script), so one model's allocator state, thread pools and caches never affect
@@ -144,7 +145,8 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
         for suffix in ("", "_cpu") if cpu_time else ("",):
             ours = statistics.median(times["ours" + suffix])
             ref = statistics.median(times["timm" + suffix]) if times["timm" + suffix] else None
-            line += f" {ours * 1e3:.1f} | " + ("n/a | n/a |" if ref is None else f"{ref * 1e3:.1f} | {ours / ref:.2f} |")
+            line += f" {ours * 1e3:.1f} | "
+            line += "n/a | n/a |" if ref is None else f"{ref * 1e3:.1f} | {ours / ref:.2f} |"
             if baseline:
                 before = statistics.median(times["before" + suffix])
                 line += f" {before * 1e3:.1f} | " + ("n/a" if ref is None else f"{before / ref:.2f}")

@@ -61,7 +61,6 @@ from .layers import (
     map_to_tokens,
     pad_to_multiple,
     residual_add,
-    to_contiguous,
     tokens_to_map,
     window_partition,
     window_unpartition,
