@@ -85,7 +85,8 @@ def test_trace_follows_the_input_size(case):
     _assert_matches(model, _trace(model), [EXPORT_HW] + OTHER_HW)
 
 
-@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c[1].get("mask_padding") else c
+                                  for c in EXPORT_CASES], ids=_ids)
 def test_torch_export_is_dynamic_in_height_and_width(case):
     model = _model(*case)
     program, dynamic = export_program(model, _image(*EXPORT_HW))
@@ -119,7 +120,7 @@ def test_smallest_dynamic_sizes():
     assert sizes == {"pvt_tiny": 33, "levit_128s": 17, "levit_128sglobal": 33, "vip_s14": 17, "gcvit_xxtiny": 33}
 
 
-@pytest.mark.parametrize("arch", ["levit_128s", "vip_s14"])
+@pytest.mark.parametrize("arch", ["levit_128s", pytest.param("vip_s14", marks=pytest.mark.slow)])
 def test_onnx_backbone_with_dynamic_axes(tmp_path, arch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")

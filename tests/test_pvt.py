@@ -63,9 +63,15 @@ def _timm_features(name):
 # b0 / b1 agree bit for bit in float32. The deeper linear-attention b2_li
 # accumulates float32 rounding differences of up to ~9e-6 on features of
 # magnitude ~4 (different reduction orders), so its parity runs in float64.
-@pytest.mark.parametrize("name,dtype", [("pvt_v2_b0", torch.float32), ("pvt_v2_b1", torch.float32),
-                                        ("pvt_v2_b2_li", torch.float64)])
-@pytest.mark.parametrize("hw", [(224, 224), (97, 131), (230, 310)])
+def _parity_cases():
+    """Every (variant, size); the float64 b2_li runs at one size unless slow tests are on."""
+    for name, dtype in [("pvt_v2_b0", torch.float32), ("pvt_v2_b1", torch.float32), ("pvt_v2_b2_li", torch.float64)]:
+        for hw in [(224, 224), (97, 131), (230, 310)]:
+            slow = dtype == torch.float64 and hw != (97, 131)
+            yield pytest.param(name, dtype, hw, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{hw[0]}x{hw[1]}")
+
+
+@pytest.mark.parametrize("name,dtype,hw", list(_parity_cases()))
 def test_pvt_v2_parity_with_timm(name, dtype, hw):
     torch.manual_seed(0)
     ref, state = _timm_features(name)

@@ -748,6 +748,7 @@ def test_non_finite_loss_stops_with_clear_error(config, how, expected, dataset_r
     assert isinstance(info.value, FloatingPointError)
 
 
+@pytest.mark.slow  # two training processes
 def test_two_process_divergence_is_one_paragraph_not_a_hang(dataset_root, tmp_path):
     """With two processes a NaN loss stops both at the same iteration: one ERROR paragraph, exit 2."""
     proc = run_cli(["--num-gpus", "2", "--config-file", os.path.join(CONFIGS, "retinanet_pvt_v2_b0.yaml"),
@@ -831,6 +832,7 @@ def _copypaste(log, task="bbox"):
     return dict(zip(lines[i + 1].split(","), (float(v) for v in lines[i + 2].split(","))))
 
 
+@pytest.mark.slow  # three training processes
 def test_two_cpu_processes_train_and_evaluate_like_one(dataset_root, tmp_path):
     """--num-gpus 2 on CPU (gloo): trains, evaluates with results gathered from both processes, and the
     metrics equal a single-process evaluation of the saved weights."""

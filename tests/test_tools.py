@@ -275,6 +275,21 @@ def test_peak_memory_cpu_sees_a_large_allocation():
 
     with PeakMemory("cpu") as mem:
         x = torch.ones(64 * 2 ** 20 // 4 * 3)  # 192 MiB, touched
+        mem.sample()  # deterministic: the background thread may not run in time on a loaded machine
+        del x
+    assert mem.peak_bytes > 150 * 2 ** 20
+
+
+def test_peak_memory_cpu_thread_samples_a_held_allocation():
+    import time
+
+    from pvt_d2.utils.analysis import PeakMemory
+
+    with PeakMemory("cpu", interval_s=0.001) as mem:
+        x = torch.ones(64 * 2 ** 20 // 4 * 3)  # 192 MiB, touched
+        deadline = time.monotonic() + 30
+        while mem._sampled_peak - mem.baseline_bytes < 150 * 2 ** 20 and time.monotonic() < deadline:
+            time.sleep(0.01)  # held until the thread has seen it (at most 30 s)
         del x
     assert mem.peak_bytes > 150 * 2 ** 20
 

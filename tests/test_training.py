@@ -19,7 +19,7 @@ def _train(cfg):
 
 
 @pytest.mark.parametrize("config", ["retinanet_pvt_v2_b0.yaml", "mask_rcnn_pvt_t.yaml",
-                                    "cascade_mask_rcnn_pvt_v2_b0_3x.yaml"])
+                                    pytest.param("cascade_mask_rcnn_pvt_v2_b0_3x.yaml", marks=pytest.mark.slow)])
 def test_train_few_iterations_and_evaluate(config, dataset_root, tmp_path):
     cfg = tiny_train_cfg(config, str(tmp_path), ["TEST.DETECTIONS_PER_IMAGE", "20"])
     results = _train(cfg)
@@ -62,6 +62,7 @@ def test_full_model_gradient_clipping():
     assert total <= 0.5 + 1e-4
 
 
+@pytest.mark.slow  # a subprocess: detectron2's import and a COCO evaluation (~30 s)
 def test_eval_only_produces_coco_metrics(dataset_root, tmp_path):
     from detectron2.modeling import build_model
 

@@ -98,6 +98,7 @@ def train_memory(cfg, device: str, height: int, width: int, batch_size: int) -> 
         torch.cuda.reset_peak_memory_stats(device)
     with torch.enable_grad(), EventStorage(0), PeakMemory(device) as peak:
         losses = model(inputs)
+        peak.sample()  # the activations are all alive here
         sum(losses.values()).backward()
     for h in hooks:
         h.remove()

@@ -239,11 +239,21 @@ class PeakMemory:
         self._sampled_peak = 0
         self._thread = None
 
-    def _sample(self):
+    def sample(self) -> None:
+        """Record the memory in use now (CPU); the background thread calls it every ``interval_s``.
+
+        Call it where the code knows its memory is high: a block shorter than
+        the thread's scheduling delay (a loaded machine) is otherwise missed.
+        """
+        if self.device.type == "cuda":
+            return  # the CUDA allocator keeps its own peak
+        rss = _current_rss_bytes()
+        if rss is not None and rss > self._sampled_peak:
+            self._sampled_peak = rss
+
+    def _sample_until_stopped(self):
         while not self._stop.is_set():
-            rss = _current_rss_bytes()
-            if rss is not None and rss > self._sampled_peak:
-                self._sampled_peak = rss
+            self.sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -256,7 +266,7 @@ class PeakMemory:
             self._maxrss_before = _maxrss_bytes()
             self._sampled_peak = self.baseline_bytes
             self._stop.clear()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
             self._thread.start()
         return self
 
