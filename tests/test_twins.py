@@ -368,3 +368,18 @@ def test_backward_at_odd_size_with_drop_path():
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         else:
             assert p.grad is None, pname
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_convs_see_the_reference_layout_at_any_batch(batch):
+    """PEG and sub-sampling convs sum as timm's (channels-last for batches > 1, NCHW for one image).
+
+    PCPVT stays bit-exact to timm at every batch size (its convs are the only
+    layout-dependent sums); a contiguous NCHW copy would differ by ~2e-5 at
+    batch 2.
+    """
+    ref, ours = _timm_and_ours("twins_pcpvt_small")
+    x = torch.randn(batch, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        diffs = _max_diffs(ref(x), ours(x))
+    assert max(diffs.values()) == 0.0, diffs

@@ -43,6 +43,7 @@ __all__ = [
     "crop_to",
     "to_contiguous",
     "contiguous_nchw",
+    "conv_input",
     "resize_pos_embed",
     "attention_chunks",
     "LayerNorm2d",
@@ -179,6 +180,19 @@ def contiguous_nchw(x: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
+def conv_input(x: torch.Tensor) -> torch.Tensor:
+    """A token map (the channels-last view of :func:`tokens_to_map`) laid out as a convolution uses it.
+
+    The reference implementations pass that view straight to their convs.
+    ATen then convolves in channels-last, except for a one-image batch, which
+    its memory-format rule classifies as NCHW and copies element by element
+    before the conv: that copy is made here by :func:`contiguous_nchw`
+    (faster, same values). Either way the conv sums exactly as in the
+    reference (``tests/test_twins.py`` checks it against timm bit for bit).
+    """
+    return contiguous_nchw(x) if x.shape[0] == 1 else x
+
+
 def crop_to(x: torch.Tensor, hw: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
     """The top-left ``hw`` of a map padded by :func:`pad_to_multiple` (``(B, C, H, W)`` or channels-last).
 
@@ -281,17 +295,11 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: dropout after the output projection.
         linear: use PVT v2's linear (pooling) reduction.
         pool_size: output side of the pooling in linear mode.
-        nchw_conv: run the reduction conv on a contiguous ``(B, C, H, W)`` copy
-            (the reference layout, bit-identical to it) instead of directly on
-            the channels-last view of the tokens (faster; float32 rounding
-            differs by ~1e-6).
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7,
-                 nchw_conv: bool = False):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7):
         super().__init__()
-        self.nchw_conv = nchw_conv
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -324,9 +332,7 @@ class SpatialReductionAttention(nn.Module):
             y = self.pool(tokens_to_map(x, hw))
             return self.act(self.norm(map_to_tokens(self.sr(y))))
         if self.sr_ratio > 1:
-            y = tokens_to_map(x, hw)
-            if self.nchw_conv:
-                y = contiguous_nchw(y)
+            y = conv_input(tokens_to_map(x, hw))
             if torch.compiler.is_compiling():
                 # torch.export / compile: symbolic sizes; the program asserts at run
                 # time that the grid is not smaller than one reduction cell.
@@ -363,7 +369,8 @@ class PatchEmbed(nn.Module):
         in_chans: input channels.
         dim: output channels.
         patch_size: side (and stride) of a patch.
-        nchw_conv: see :class:`SpatialReductionAttention`.
+        nchw_conv: run the conv on a contiguous ``(B, C, H, W)`` copy of the
+            input, as the reference of Twins does between its stages.
     """
 
     def __init__(self, in_chans: int, dim: int, patch_size: int, nchw_conv: bool = False):

@@ -54,7 +54,7 @@ from .layers import (
     PatchEmbed,
     SpatialReductionAttention,
     attention_chunks,
-    contiguous_nchw,
+    conv_input,
     crop_to,
     inference_inplace,
     init_weights,
@@ -164,9 +164,7 @@ class PositionEncodingGenerator(nn.Module):
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        # A contiguous NCHW map, as in the reference: its depthwise conv then sums
-        # in the same order (the channels-last kernel rounds differently).
-        feat = contiguous_nchw(tokens_to_map(x, hw))
+        feat = conv_input(tokens_to_map(x, hw))
         return map_to_tokens(self.proj(feat) + feat)
 
 
@@ -194,8 +192,7 @@ class TwinsBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if window_size is None:
             self.attn = SpatialReductionAttention(
-                dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop,
-                nchw_conv=True)
+                dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         else:
             self.attn = LocallyGroupedAttention(
                 dim, num_heads, window_size=window_size, attn_drop=attn_drop, proj_drop=proj_drop)
