@@ -23,14 +23,15 @@ Nothing here reads or runs user files; a LazyConfig file itself is Python and
 is loaded only when the user names it (``tools/lazyconfig_train_net.py``).
 """
 import copy
+import dataclasses
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import LazyCall as L
 
 __all__ = ["yaml_path", "lazy_detector", "lazy_model", "lazy_optimizer", "lazy_dataloader", "lazy_train",
-           "lazy_lr_multiplier", "setup_lazy_datasets"]
+           "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -386,11 +387,62 @@ def setup_lazy_datasets(cfg, specs: Sequence[str] = (), overrides: Sequence[str]
                            f"{key}={len(classes)}.")
     for _, parent in nodes:
         parent.num_classes = len(classes)
-    roi_heads = cfg.model.get("roi_heads")
     boxes = [n for n in train + test if is_box_only(n)]
-    if boxes and roi_heads is not None and roi_heads.get("mask_head") is not None:
+    if boxes and _has_mask_head(cfg):
         raise DatasetError(
             f"Dataset '{boxes[0]}' has objects with boxes but no masks (segmentation), and this LazyConfig has a "
             f"mask head, which needs a mask for every object. For box-only data use "
             f"configs/lazy/faster_rcnn_<variant>.py or configs/lazy/retinanet_<variant>.py.")
     return names
+
+
+def _has_mask_head(cfg) -> bool:
+    """Whether the LazyConfig's model has a mask head (``model.roi_heads.mask_head``)."""
+    roi_heads = cfg.model.get("roi_heads")
+    return roi_heads is not None and roi_heads.get("mask_head") is not None
+
+
+def _mask_format(mapper) -> Tuple[str, str]:
+    """``(mask format, the setting that holds it)`` of a training mapper node of a LazyConfig.
+
+    pvt_d2's mapper (:func:`_mapper`) reads ``INPUT.MASK_FORMAT`` of its YAML
+    config; detectron2's ``DatasetMapper`` takes ``instance_mask_format``;
+    another mapper is assumed to read polygons, as detectron2's default.
+    """
+    if mapper is not None and "instance_mask_format" in mapper:
+        return mapper.instance_mask_format, "dataloader.train.mapper.instance_mask_format"
+    if mapper is not None and "config_file" in mapper and "opts" in mapper:
+        from .config import load_config
+
+        fmt = load_config(mapper.config_file, list(mapper.opts or [])).INPUT.MASK_FORMAT
+        return fmt, f"INPUT.MASK_FORMAT (of {mapper.config_file}, set in dataloader.train.mapper.opts)"
+    return "polygon", "the training mapper's mask format"
+
+
+def check_lazy_datasets(cfg, training: bool = True) -> None:
+    """Check the annotation files of the datasets a LazyConfig trains and evaluates on, as the YAML path does.
+
+    :func:`pvt_d2.data.validation.check_datasets` on the COCO-json datasets
+    named in ``dataloader.train.dataset.names`` (when ``training``) and
+    ``dataloader.test.dataset.names``: each file is read once and checked
+    (json, image ids and sizes, boxes, polygons), and its masks are compared
+    with the model (a mask head needs a mask for every instance; RLE masks need
+    the training mapper's mask format ``bitmask``; evaluation reads no masks).
+    The datasets must be registered (:func:`pvt_d2.data.prepare_datasets`).
+
+    Args:
+        cfg: the loaded LazyConfig (after :func:`setup_lazy_datasets`).
+        training: check the training sets too (False for ``--eval-only``).
+
+    Raises:
+        DatasetError: naming the dataset, the file and the field or the mismatch.
+    """
+    from .data.validation import MaskNeeds, check_datasets
+
+    needs = MaskNeeds(masks=_has_mask_head(cfg), mask_head="this LazyConfig has a mask head",
+                      boxes_only="use configs/lazy/faster_rcnn_<variant>.py or configs/lazy/retinanet_<variant>.py")
+    if training:
+        mask_format, key = _mask_format(cfg.dataloader.train.get("mapper"))
+        check_datasets(_names(cfg.dataloader.train.dataset.get("names")),
+                       dataclasses.replace(needs, mask_format=mask_format, format_key=key))
+    check_datasets(_names(cfg.dataloader.test.dataset.get("names")), dataclasses.replace(needs, mask_format=None))

@@ -14,6 +14,7 @@ sections ``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
 ``train``); the reliability of ``tools/train_net.py`` is kept: atomic
 checkpoints, the safe checkpoint reader, robust data loading, CPU fallback,
 ``--dataset NAME=SPEC`` (the number of classes taken from the training set),
+the annotation files checked before training (``pvt_d2/data/validation.py``),
 the ``train.output_dir`` checks and lock (another run's checkpoints are kept
 unless ``--resume`` / ``--overwrite``; a live run's folder is refused), and one
 ``ERROR:`` line with exit status 2 for a problem the user can fix.
@@ -46,7 +47,7 @@ from pvt_d2.config import ConfigError
 from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
 from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
 from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
-from pvt_d2.lazy import setup_lazy_datasets
+from pvt_d2.lazy import check_lazy_datasets, setup_lazy_datasets
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
                OutputDirError)
@@ -188,11 +189,17 @@ def get_parser():
 
 
 def check_args(args):
-    """Check the config, the datasets and ``train.output_dir`` once, before any worker process is started."""
+    """Check the config, ``train.output_dir`` and the datasets once, before any worker process is started.
+
+    The datasets are registered and their annotation files checked against the
+    model as ``tools/train_net.py`` does (:func:`pvt_d2.lazy.check_lazy_datasets`).
+    """
     cfg = load_lazy_config(args.config_file, args.opts)
     setup_lazy_datasets(cfg, args.dataset, args.opts)
     if not args.eval_only:
         check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
+    prepare_datasets(_dataset_names(cfg, training=not args.eval_only))
+    check_lazy_datasets(cfg, training=not args.eval_only)
     return cfg
 
 

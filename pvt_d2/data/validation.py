@@ -6,8 +6,10 @@ detectron2 trusts its annotation files: a truncated json is a bare
 in a polygon makes mask rasterization allocate without bound, and box-only
 annotations under ``MODEL.MASK_ON`` die in the ROI heads. :func:`check_coco_json`
 reads the file once and refuses all of these, naming the file and the field
-(``images[3].height``, ``annotations[17].bbox``); :func:`check_datasets_for_config`
-compares what the files hold with what the config trains (masks, mask format).
+(``images[3].height``, ``annotations[17].bbox``); :func:`check_datasets` compares
+what the files hold with what the detector trains (masks, mask format), for a
+YAML config through :func:`check_datasets_for_config` and for a LazyConfig
+through :func:`pvt_d2.lazy.check_lazy_datasets`.
 
 Checked: the file exists, is complete valid json and a mapping; ``images`` and
 ``categories`` are present, non-empty lists; each image has an ``id`` (unique),
@@ -21,13 +23,13 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from detectron2.data import MetadataCatalog
 
 from .datasets import DatasetError
 
-__all__ = ["CocoJsonSummary", "check_coco_json", "check_datasets_for_config"]
+__all__ = ["CocoJsonSummary", "MaskNeeds", "check_coco_json", "check_datasets", "check_datasets_for_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,55 @@ def check_coco_json(path: str) -> CocoJsonSummary:
     return summary
 
 
+@dataclass(frozen=True)
+class MaskNeeds:
+    """What a detector needs of its datasets' masks, and the words an error uses for it.
+
+    Attributes:
+        masks: the detector has a mask head, so every instance needs a mask.
+        mask_format: how the training mapper reads masks (``"polygon"`` reads polygons only, ``"bitmask"``
+            polygons and RLE); None where masks are not read (evaluation sets).
+        mask_head: the clause saying why masks are needed.
+        boxes_only: how to train boxes only instead.
+        format_key: the setting that holds ``mask_format``.
+    """
+
+    masks: bool
+    mask_format: Optional[str] = "polygon"
+    mask_head: str = "MODEL.MASK_ON is True"
+    boxes_only: str = ("set MODEL.MASK_ON False, or use a RetinaNet or Faster R-CNN config "
+                       "(configs/retinanet_*.yaml, configs/faster_rcnn_*.yaml)")
+    format_key: str = "INPUT.MASK_FORMAT"
+
+
+def check_datasets(names: Iterable[str], needs: MaskNeeds) -> None:
+    """Check the COCO-json datasets ``names`` (those with a ``json_file``) against what a detector ``needs``.
+
+    Used by both training paths: :func:`check_datasets_for_config` (YAML) and
+    :func:`pvt_d2.lazy.check_lazy_datasets` (LazyConfig).
+
+    Raises:
+        DatasetError: a bad file (see :func:`check_coco_json`); box-only annotations while
+            ``needs.masks``; RLE masks while ``needs.mask_format`` is ``polygon``.
+    """
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file")
+        if not json_file:
+            continue
+        summary = check_coco_json(json_file)
+        if not needs.masks or not summary.num_annotations:
+            continue
+        if summary.without_segmentation:
+            raise DatasetError(
+                f"Dataset '{name}' ({json_file}): {summary.without_segmentation} of {summary.num_annotations} "
+                f"annotations have no 'segmentation', but {needs.mask_head} (Mask R-CNN needs a mask for every "
+                f"instance). To train boxes only, {needs.boxes_only}.")
+        if summary.with_rle and needs.mask_format == "polygon":
+            raise DatasetError(
+                f"Dataset '{name}' ({json_file}) has {summary.with_rle} RLE masks but {needs.format_key} is "
+                f"'polygon', which reads polygons only. Set {needs.format_key} bitmask.")
+
+
 def check_datasets_for_config(cfg, names: Iterable[str]) -> None:
     """Check the COCO-json datasets ``names`` (those with a ``json_file``) against what ``cfg`` trains.
 
@@ -179,20 +230,4 @@ def check_datasets_for_config(cfg, names: Iterable[str]) -> None:
             annotations while ``MODEL.MASK_ON`` is set; RLE masks while
             ``INPUT.MASK_FORMAT`` is ``polygon``.
     """
-    for name in names:
-        json_file = MetadataCatalog.get(name).get("json_file")
-        if not json_file:
-            continue
-        summary = check_coco_json(json_file)
-        if not cfg.MODEL.MASK_ON or not summary.num_annotations:
-            continue
-        if summary.without_segmentation:
-            raise DatasetError(
-                f"Dataset '{name}' ({json_file}): {summary.without_segmentation} of {summary.num_annotations} "
-                f"annotations have no 'segmentation', but MODEL.MASK_ON is True (Mask R-CNN needs a mask for every "
-                f"instance). To train boxes only, set MODEL.MASK_ON False, or use a RetinaNet or Faster R-CNN "
-                f"config (configs/retinanet_*.yaml, configs/faster_rcnn_*.yaml).")
-        if summary.with_rle and cfg.INPUT.MASK_FORMAT == "polygon":
-            raise DatasetError(
-                f"Dataset '{name}' ({json_file}) has {summary.with_rle} RLE masks but INPUT.MASK_FORMAT is 'polygon', "
-                f"which reads polygons only. Set INPUT.MASK_FORMAT bitmask.")
+    check_datasets(names, MaskNeeds(masks=bool(cfg.MODEL.MASK_ON), mask_format=cfg.INPUT.MASK_FORMAT))
