@@ -31,7 +31,7 @@ import torch
 from detectron2.config import LazyCall as L
 
 __all__ = ["yaml_path", "lazy_detector", "lazy_model", "lazy_optimizer", "lazy_dataloader", "lazy_train",
-           "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets"]
+           "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets", "dataset_names"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -316,7 +316,8 @@ def _num_classes_nodes(node, path: str = "model"):
             yield from _num_classes_nodes(item, f"{path}.{i}")
 
 
-def _names(value) -> List[str]:
+def dataset_names(value) -> List[str]:
+    """A LazyConfig ``dataset.names`` value (one name or a sequence of names) as a list."""
     return [value] if isinstance(value, str) and value else ([] if isinstance(value, str) else list(value or []))
 
 
@@ -358,13 +359,13 @@ def setup_lazy_datasets(cfg, specs: Sequence[str] = (), overrides: Sequence[str]
         declared[spec.name] = register_dataset_spec(spec)
     if not declared:
         return []
-    train = [n for n in _names(cfg.dataloader.train.dataset.names) if n in declared]
-    test = [n for n in _names(cfg.dataloader.test.dataset.names) if n in declared]
+    train = [n for n in dataset_names(cfg.dataloader.train.dataset.names) if n in declared]
+    test = [n for n in dataset_names(cfg.dataloader.test.dataset.names) if n in declared]
     names = list(declared)
     if not train and not test:
         raise DatasetError(
             f"Dataset(s) {', '.join(names)} are declared but dataloader.train.dataset.names = "
-            f"{_names(cfg.dataloader.train.dataset.names)} and dataloader.test.dataset.names = "
+            f"{dataset_names(cfg.dataloader.train.dataset.names)} and dataloader.test.dataset.names = "
             f"{cfg.dataloader.test.dataset.names!r} name none of them; add e.g. "
             f"'dataloader.train.dataset.names=[{names[0]}]'"
             + (f" dataloader.test.dataset.names={names[1]}" if len(names) > 1 else "") + ".")
@@ -443,6 +444,7 @@ def check_lazy_datasets(cfg, training: bool = True) -> None:
                       boxes_only="use configs/lazy/faster_rcnn_<variant>.py or configs/lazy/retinanet_<variant>.py")
     if training:
         mask_format, key = _mask_format(cfg.dataloader.train.get("mapper"))
-        check_datasets(_names(cfg.dataloader.train.dataset.get("names")),
+        check_datasets(dataset_names(cfg.dataloader.train.dataset.get("names")),
                        dataclasses.replace(needs, mask_format=mask_format, format_key=key))
-    check_datasets(_names(cfg.dataloader.test.dataset.get("names")), dataclasses.replace(needs, mask_format=None))
+    check_datasets(dataset_names(cfg.dataloader.test.dataset.get("names")),
+                   dataclasses.replace(needs, mask_format=None))

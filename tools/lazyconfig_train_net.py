@@ -47,7 +47,7 @@ from pvt_d2.config import ConfigError
 from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
 from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
 from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
-from pvt_d2.lazy import check_lazy_datasets, setup_lazy_datasets
+from pvt_d2.lazy import check_lazy_datasets, dataset_names, setup_lazy_datasets
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
                OutputDirError)
@@ -84,9 +84,8 @@ def load_lazy_config(path: str, overrides):
 
 
 def _dataset_names(cfg, training: bool):
-    names = list(cfg.dataloader.train.dataset.names) if training else []
-    test = cfg.dataloader.test.dataset.names
-    return names + ([test] if isinstance(test, str) and test else list(test or []))
+    names = dataset_names(cfg.dataloader.train.dataset.names) if training else []
+    return names + dataset_names(cfg.dataloader.test.dataset.names)
 
 
 def do_test(cfg, model):
