@@ -140,3 +140,53 @@ def test_train_net_amp_needs_eval_only(tmp_path, capsys):
                         "OUTPUT_DIR", str(tmp_path / "out")])
     assert rc == 2
     assert "ERROR: --amp bf16 applies to --eval-only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bfloat16 attention (CPU inference)
+
+
+@pytest.mark.parametrize("batch,heads,queries,keys,budget", [(1, 1, 300, 20, 2 ** 12), (2, 3, 50, 17, 512),
+                                                             (1, 2, 40, 9, 2 ** 20)])
+def test_bf16_attention_matches_float32_attention(batch, heads, queries, keys, budget):
+    """Chunked (several chunks, ragged last one) or whole; token-major output; bfloat16 rounding only."""
+    from pvt_d2.modeling.backbone.layers import bf16_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, queries, heads, 32, generator=g).transpose(1, 2)  # the strides SRA passes
+    k, v = (torch.randn(batch, heads, keys, 32, generator=g) for _ in range(2))
+    scale = 32 ** -0.5
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    out = bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale, budget=budget)
+    assert out.dtype == torch.bfloat16 and out.shape == (batch, queries, heads, 32) and out.is_contiguous()
+    err = (out.float() - expected).abs().max().item()
+    assert 0 < err < 3e-2, err
+
+
+def test_spatial_reduction_attention_bf16_inference_path(monkeypatch):
+    """bfloat16 CPU inference takes the chunked path; float32 and autograd keep SDPA, same function."""
+    from pvt_d2.modeling.backbone import layers
+
+    torch.manual_seed(0)
+    sra = layers.SpatialReductionAttention(64, 2, sr_ratio=2).eval()
+    x = torch.randn(2, 16 * 12, 64)
+    with torch.no_grad():
+        ref = sra(x, (16, 12))
+    calls = []
+    original = layers.bf16_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "bf16_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sra(x, (16, 12))
+    assert calls == [(2, 2, 192, 32)]
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max().item() < 5e-2
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sra(x, (16, 12)).float().sum().backward()  # autograd: SDPA, gradients flow
+    assert len(calls) == 1 and x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(sra(x.detach(), (16, 12)), ref)  # float32: unchanged
+    assert len(calls) == 1
