@@ -397,3 +397,21 @@ def test_detectron2_checkpointer_loads_imagenet_weights_into_detection_windows(x
     loaded = model.state_dict()
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_inference_shortcuts_are_bit_identical(xxtiny):
+    """The in-place MBConv and the channels-last stem conv (no autograd graph) equal the plain path exactly."""
+    x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = xxtiny(x)
+    plain = xxtiny(x.clone().requires_grad_(True))  # an autograd graph: no in-place shortcuts
+    for key in NAMES:
+        assert torch.equal(fast[key], plain[key].detach()), key
+    stem_input = {}
+    handle = xxtiny.stem.conv1.register_forward_pre_hook(lambda m, args: stem_input.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            xxtiny(x)
+    finally:
+        handle.remove()
+    assert stem_input["x"].is_contiguous(memory_format=torch.channels_last)
