@@ -31,7 +31,8 @@ import torch
 from detectron2.config import LazyCall as L
 
 __all__ = ["yaml_path", "lazy_detector", "lazy_model", "lazy_optimizer", "lazy_dataloader", "lazy_train",
-           "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets", "dataset_names"]
+           "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets", "check_lazy_num_classes",
+           "dataset_names"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -448,3 +449,31 @@ def check_lazy_datasets(cfg, training: bool = True) -> None:
                        dataclasses.replace(needs, mask_format=mask_format, format_key=key))
     check_datasets(dataset_names(cfg.dataloader.test.dataset.get("names")),
                    dataclasses.replace(needs, mask_format=None))
+
+
+def check_lazy_num_classes(cfg, training: bool = True) -> None:
+    """Compare a LazyConfig model's class count with its datasets, as the YAML path does.
+
+    :func:`pvt_d2.data.datasets.check_class_count` with the model's first
+    ``num_classes`` field (``model.roi_heads.num_classes``, RetinaNet's
+    ``model.num_classes``): a training set in ``dataloader.train.dataset.names``
+    (when ``training``) may not have more classes, a set in
+    ``dataloader.test.dataset.names`` must have exactly as many (loaded once
+    if its classes are not yet known). Datasets declared with ``--dataset`` were
+    fitted by :func:`setup_lazy_datasets`; this catches built-in or separately
+    registered ones before hours of training end in a failed evaluation.
+
+    Raises:
+        DatasetError: naming the field, its value, the dataset and its classes.
+    """
+    from .data.datasets import check_class_count
+
+    nodes = list(_num_classes_nodes(cfg.model))
+    if not nodes:
+        return
+    key, parent = nodes[0]
+    if training:
+        check_class_count(key, parent.num_classes, dataset_names(cfg.dataloader.train.dataset.get("names")),
+                          training=True, assign="=")
+    check_class_count(key, parent.num_classes, dataset_names(cfg.dataloader.test.dataset.get("names")),
+                      training=False, load_missing=True, assign="=")

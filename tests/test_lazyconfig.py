@@ -347,3 +347,45 @@ def test_lazy_trains_and_evaluates_a_declared_coco_json(trees, tmp_path, capsys)
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     metrics = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
     assert any("bbox/AP" in m for m in metrics)  # the evaluation at the end, as in the YAML runs
+
+
+@pytest.mark.parametrize("eval_only", [False, True], ids=["train", "eval_only"])
+def test_lazy_class_count_of_a_builtin_dataset_is_checked_before_training(eval_only, tmp_path, capsys):
+    """A LazyConfig on built-in datasets (no --dataset to fit num_classes): a training set with more classes
+    than the model, or an evaluation set with another count, is one ERROR line naming the field, exit 2."""
+    from tools.lazyconfig_train_net import cli
+
+    out = tmp_path / "o"
+    argv = (["--eval-only"] if eval_only else []) + [
+        "--config-file", os.path.join(CONFIGS, "lazy", "faster_rcnn_pvt_v2_b0.py"),
+        "dataloader.train.dataset.names=[synthetic_train]", "dataloader.test.dataset.names=synthetic_val",
+        f"train.output_dir={out}"] + ([] if eval_only else ["model.roi_heads.num_classes=2"])
+    assert cli(argv) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1, err
+    if eval_only:  # 80 COCO classes against the 4 synthetic ones
+        assert err[0].startswith("ERROR: model.roi_heads.num_classes = 80 but dataset 'synthetic_val' has 4 classes")
+        assert "evaluation fails" in err[0] and err[0].endswith("Set model.roi_heads.num_classes=4.")
+    else:
+        assert err[0].startswith("ERROR: model.roi_heads.num_classes = 2 but dataset 'synthetic_train' has 4 classes")
+        assert "its labels would index past the classifier" in err[0]
+    assert not out.exists() or not list(out.rglob("*.pth"))
+
+
+def test_lazy_class_count_check_accepts_fewer_training_classes():
+    from detectron2.config import LazyConfig
+
+    from pvt_d2.data import DatasetError, prepare_datasets
+    from pvt_d2.lazy import check_lazy_num_classes
+
+    cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "faster_rcnn_pvt_v2_b0.py"))
+    cfg.dataloader.train.dataset.names = ["synthetic_train"]  # 4 classes < 80: trains
+    cfg.dataloader.test.dataset.names = "synthetic_val"
+    prepare_datasets(["synthetic_train", "synthetic_val"])
+    with pytest.raises(DatasetError, match="num_classes = 80 but dataset 'synthetic_val' has 4"):
+        check_lazy_num_classes(cfg, training=True)
+    cfg.model.roi_heads.num_classes = 4
+    check_lazy_num_classes(cfg, training=True)  # no error
+    cfg.dataloader.test.dataset.names = []
+    cfg.model.roi_heads.num_classes = 80
+    check_lazy_num_classes(cfg, training=True)  # fewer training classes than the model: allowed

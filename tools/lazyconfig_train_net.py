@@ -47,7 +47,7 @@ from pvt_d2.config import ConfigError
 from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
 from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
 from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
-from pvt_d2.lazy import check_lazy_datasets, dataset_names, setup_lazy_datasets
+from pvt_d2.lazy import check_lazy_datasets, check_lazy_num_classes, dataset_names, setup_lazy_datasets
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
                OutputDirError)
@@ -190,8 +190,9 @@ def get_parser():
 def check_args(args):
     """Check the config, ``train.output_dir`` and the datasets once, before any worker process is started.
 
-    The datasets are registered and their annotation files checked against the
-    model as ``tools/train_net.py`` does (:func:`pvt_d2.lazy.check_lazy_datasets`).
+    The datasets are registered, and their annotation files and class counts
+    checked against the model as ``tools/train_net.py`` does
+    (:func:`pvt_d2.lazy.check_lazy_datasets`, :func:`pvt_d2.lazy.check_lazy_num_classes`).
     """
     cfg = load_lazy_config(args.config_file, args.opts)
     setup_lazy_datasets(cfg, args.dataset, args.opts)
@@ -199,6 +200,7 @@ def check_args(args):
         check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
     prepare_datasets(_dataset_names(cfg, training=not args.eval_only))
     check_lazy_datasets(cfg, training=not args.eval_only)
+    check_lazy_num_classes(cfg, training=not args.eval_only)
     return cfg
 
 

@@ -7,7 +7,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .synthetic import ensure_synthetic_dataset, register_synthetic_datasets
 
 __all__ = ["DatasetNotFoundError", "DatasetError", "UnknownDatasetError", "register_all", "prepare_datasets",
-           "load_dataset_dicts", "check_num_classes", "num_classes_key"]
+           "load_dataset_dicts", "check_num_classes", "check_class_count", "num_classes_key"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -107,13 +107,7 @@ def num_classes_key(cfg) -> str:
 
 
 def check_num_classes(cfg, names: Iterable[str], training: bool, load_missing: bool = False) -> None:
-    """Compare the detector's number of classes with the datasets' ``thing_classes``.
-
-    A training set may not have more classes than the model (its labels would
-    index past the classifier); an evaluation set must have exactly as many
-    (COCO evaluation fails on a predicted class the dataset lacks). Datasets
-    whose classes are unknown are skipped, unless ``load_missing`` is set: then
-    the dataset is loaded once, which records them for COCO-json datasets.
+    """Compare the detector's number of classes with the datasets' ``thing_classes`` (see :func:`check_class_count`).
 
     Raises:
         DatasetError: naming the key, its value, the dataset and its classes.
@@ -122,6 +116,30 @@ def check_num_classes(cfg, names: Iterable[str], training: bool, load_missing: b
         return
     key = num_classes_key(cfg)
     expected = cfg.MODEL.RETINANET.NUM_CLASSES if key.startswith("MODEL.RETINANET") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    check_class_count(key, expected, names, training, load_missing)
+
+
+def check_class_count(key: str, expected: int, names: Iterable[str], training: bool, load_missing: bool = False,
+                      assign: str = " ") -> None:
+    """Compare a model's number of classes (the setting ``key`` = ``expected``) with the datasets' ``thing_classes``.
+
+    A training set may not have more classes than the model (its labels would
+    index past the classifier); an evaluation set must have exactly as many
+    (COCO evaluation fails on a predicted class the dataset lacks). Datasets
+    whose classes are unknown are skipped, unless ``load_missing`` is set: then
+    the dataset is loaded once, which records them for COCO-json datasets.
+
+    Args:
+        key: the setting, as the user writes it (``MODEL.ROI_HEADS.NUM_CLASSES``, ``model.roi_heads.num_classes``).
+        expected: its value.
+        names: registered dataset names.
+        training: the datasets are training sets.
+        load_missing: load a dataset whose classes are not yet known.
+        assign: what joins ``key`` and the value in the suggested fix (``" "`` YAML opts, ``"="`` LazyConfig).
+
+    Raises:
+        DatasetError: naming the key, its value, the dataset and its classes.
+    """
     for name in names:
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is None and load_missing:
@@ -136,4 +154,4 @@ def check_num_classes(cfg, names: Iterable[str], training: bool, load_missing: b
                            "evaluation fails as soon as the model predicts a class the dataset does not have")
             raise DatasetError(
                 f"{key} = {expected} but dataset '{name}' has {n} classes ({shown}): {consequence}. "
-                f"Set {key} {n}.")
+                f"Set {key}{assign}{n}.")
