@@ -437,12 +437,16 @@ class Linear(nn.Linear):
     the prepacked linear of ``torch.compile``'s CPU backend) and calls the
     packed GEMM (``torch.ops.mkl._mkl_linear``): the same kernel on the same
     operands, bit-identical to ``nn.Linear`` (checked in
-    ``tests/test_mlp_chunks.py``), 5-25% faster per call on the transformer
-    shapes here. MKL uses a packed weight only for the row count it was packed
-    for, so up to :attr:`max_packed` row counts are kept (a model at a fixed
-    input size sees one or two per layer); each costs about the weight's size
-    in memory. Packs are rebuilt when the weight changes (in-place updates
-    bump its version) and are not part of the state dict, pickles or copies.
+    ``tests/test_mlp_chunks.py``). The gain is small: per call, alternating
+    with ``addmm`` on hot operands, within 3% on 18 transformer shapes here
+    (25088 to 392 rows, one and two threads); over whole models, where the
+    weights are cold, GC ViT 224 batch 8 ran 3% faster (1111 vs 1142 ms, one
+    thread, medians of 8 alternating rounds), Twins SVT the same. MKL uses
+    a packed weight only for the row count it was packed for, so up to
+    :attr:`max_packed` row counts are kept (a model at a fixed input size sees
+    one or two per layer); each costs about the weight's size in memory. Packs
+    are rebuilt when the weight changes (in-place updates bump its version)
+    and are not part of the state dict, pickles or copies.
 
     Training, autograd, autocast, other dtypes and devices, non-contiguous
     inputs, fewer than :attr:`min_rows` rows (where ``addmm`` takes other
