@@ -280,6 +280,22 @@ def test_peak_memory_cpu_sees_a_large_allocation():
     assert mem.peak_bytes > 150 * 2 ** 20
 
 
+def test_peak_memory_cpu_sees_memory_reused_from_the_free_heap():
+    """Freed tensors below glibc's mmap threshold stay resident; a block reusing them must still count."""
+    from pvt_d2.utils.analysis import PeakMemory
+
+    raise_threshold = torch.ones(30 * 2 ** 20 // 4)  # freeing a 30 MB mmapped chunk raises glibc's threshold
+    del raise_threshold
+    heap = [torch.ones(24 * 2 ** 20 // 4) for _ in range(12)]  # now heap allocations
+    del heap[:-1]  # 264 MB free below a live chunk: resident, not trimmed from the top
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(64 * 2 ** 20 // 4 * 3)  # 192 MiB: fits in the free heap
+        mem.sample()
+        del x
+    del heap
+    assert mem.peak_bytes > 150 * 2 ** 20  # 0.03 MB without releasing the free heap first
+
+
 def test_peak_memory_cpu_thread_samples_a_held_allocation():
     import time
 
