@@ -243,11 +243,15 @@ class PeakMemory:
     Args:
         device: ``"cpu"`` or a CUDA device.
         interval_s: RSS sampling period on the CPU.
+        release_free_heap: on the CPU, first return the C allocator's free
+            memory to the OS (see :func:`_release_free_heap`), so that memory
+            the block reuses from it is counted.
     """
 
-    def __init__(self, device="cpu", interval_s: float = 0.002):
+    def __init__(self, device="cpu", interval_s: float = 0.002, release_free_heap: bool = True):
         self.device = torch.device(device)
         self.interval_s = interval_s
+        self.release_free_heap = release_free_heap
         self.baseline_bytes = 0
         self.peak_bytes = 0
         self._stop = threading.Event()
@@ -277,7 +281,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
         else:
-            _release_free_heap()  # the baseline counts only memory in use, so reused free memory shows up
+            if self.release_free_heap:
+                _release_free_heap()  # the baseline counts only memory in use, so reused free memory shows up
             self.baseline_bytes = _current_rss_bytes() or _maxrss_bytes()
             self._maxrss_before = _maxrss_bytes()
             self._sampled_peak = self.baseline_bytes
@@ -376,7 +381,8 @@ def run_benchmark(fn: Callable[[], object], *, name: str, device="cpu", iters: i
         for _ in range(max(0, warmup)):
             fn()
         _sync(device)
-        with PeakMemory(device) as mem:
+        # no heap release: the timed passes must not pay again the page faults the warm-up paid
+        with PeakMemory(device, release_free_heap=False) as mem:
             for _ in range(iters):
                 start = time.perf_counter()
                 fn()
