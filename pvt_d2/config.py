@@ -36,6 +36,10 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     # Recompute every backbone block in the backward pass instead of keeping its
     # activations (training only; same gradients, less memory, ~1 extra forward).
     cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT = False
+    # CPU float32 inference: linears on oneDNN-packed weights (GELU fused), LeViT's
+    # BatchNorms folded into their projections. Same function, float32 rounding
+    # differs (~1e-6); False = nn.Linear / separate BatchNorms (timm's kernels).
+    cfg.MODEL.PVT_D2.FAST_INFERENCE = True
 
     # Twins: the official detection code's LayerNorm on every stage output
     # (it also feeds the next stage). None = variant default (on for SVT, off

@@ -154,7 +154,8 @@ def timm_reference(t, x):
 @pytest.mark.parametrize("name", ["levit_128s", "levit_128"])
 def test_parity_224(name, mode):
     t = timm_model(name)
-    model = create_backbone(name, attn_mode=mode, out_features=ALL_LEVELS)
+    # timm's kernels (BatchNorm not folded, addmm); the fast ones: tests/test_fast_inference.py
+    model = create_backbone(name, attn_mode=mode, out_features=ALL_LEVELS, fast_inference=False)
     model.load_state_dict(timm_backbone_state(t), strict=True)
     model.eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
@@ -195,7 +196,7 @@ def test_parity_224_larger_variants_float64(name):
 
 def test_parity_224_plain_bn_eval():
     t = timm_model("levit_128s")
-    model = create_backbone("levit_128s", norm="BN", out_features=ALL_LEVELS)
+    model = create_backbone("levit_128s", norm="BN", out_features=ALL_LEVELS, fast_inference=False)
     model.load_state_dict(timm_backbone_state(t), strict=True)
     model.eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))

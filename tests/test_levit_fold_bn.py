@@ -20,7 +20,8 @@ def single_thread():
 def _randomized(norm: str = "FrozenBN", seed: int = 0) -> nn.Module:
     """levit_128s with random BatchNorm statistics / affines and attention biases (every fold matters)."""
     torch.manual_seed(seed)
-    model = create_backbone("levit_128s", norm=norm, out_features=LEVELS)
+    # fast_inference off: nothing folded unless set_batchnorm_folding asks for it
+    model = create_backbone("levit_128s", norm=norm, out_features=LEVELS, fast_inference=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -82,6 +83,30 @@ def test_fold_cache_follows_loaded_weights():
     after = _outputs(model, x)["res5"]
     assert (after - before).abs().max() > 1e-2
     assert (after - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def _bn_calls(model, x, grad: bool) -> int:
+    calls = []
+    handle = model.stages[0].blocks[0].attn.qkv.bn.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.set_grad_enabled(grad):
+            model(x)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_fast_inference_folds_in_inference_only():
+    """The default (``fast_inference`` on) folds without autograd, and keeps the BatchNorm while it records."""
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    model = _randomized().set_fast_inference(True)
+    ref = _randomized().set_fast_inference(False)
+    assert _bn_calls(model, x, grad=False) == 0
+    assert _bn_calls(model.train(), x, grad=True) == 1  # frozen BN in training: the plain pair
+    assert _bn_calls(ref.eval(), x, grad=False) == 1
+    out, expected = _outputs(model.eval(), x), _outputs(ref, x)
+    for k in LEVELS:
+        assert (out[k] - expected[k]).abs().max() <= 1e-5 * expected[k].abs().max(), k
 
 
 def test_plain_batchnorm_in_training_mode_is_not_folded():

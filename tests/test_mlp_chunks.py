@@ -1,6 +1,6 @@
 """Inference fast paths compute what the plain paths compute.
 
-``layers.Mlp``'s chunks and ``layers.Linear``'s packed GEMM.
+``layers.Mlp``'s chunks and ``layers.Linear``'s packed oneDNN GEMM.
 """
 import copy
 import io
@@ -56,37 +56,74 @@ def test_chunked_only_in_inference():
     assert len(calls) == 1
 
 
-# --------------------------------------------------------------------------- layers.Linear (MKL-packed weights)
-needs_mkl = pytest.mark.skipif(not layers._mkl_packed_linear_available(), reason="no MKL packed GEMM")
+# --------------------------------------------------------------------------- layers.Linear (oneDNN-packed weights)
+needs_onednn = pytest.mark.skipif(not layers._onednn_linear_available(), reason="no oneDNN linear")
 
 
-@needs_mkl
-@pytest.mark.parametrize("in_f, out_f", [(64, 512), (512, 64), (320, 960), (128, 128)])
-def test_packed_linear_bit_identical_to_nn_linear(in_f, out_f):
+def _linear_pair(in_f, out_f, bias=True):
     torch.manual_seed(0)
-    lin = Linear(in_f, out_f).eval()
-    ref = torch.nn.Linear(in_f, out_f)
+    lin = Linear(in_f, out_f, bias=bias).eval()
+    ref = torch.nn.Linear(in_f, out_f, bias=bias)
     ref.load_state_dict(lin.state_dict())
+    return lin, ref
+
+
+@needs_onednn
+@pytest.mark.parametrize("in_f, out_f", [(64, 512), (128, 128), (512, 64), (320, 960)])
+def test_packed_linear_matches_nn_linear(in_f, out_f):
+    """Bit-identical up to 128 input channels, float32 rounding above; the same rows for any row count."""
+    lin, ref = _linear_pair(in_f, out_f)
+    x = torch.randn(2, 1568, in_f)
     with torch.no_grad():
-        for rows in (1, 3, 64, 100, 1568):  # below min_rows nn.Linear's path, from there the packed GEMM
-            x = torch.randn(2, rows, in_f)
-            assert torch.equal(lin(x), ref(x)), rows
-    assert len(lin._packs) == Linear.max_packed  # one pack per row count >= min_rows, LRU-bounded
-    assert [k[-1] for k in lin._packs] == [64 * 2, 100 * 2, 1568 * 2]
+        fast, plain = lin(x), ref(x)
+        for rows in (1, 3, 64, 100):  # any row count: the same values as those rows of the big input
+            assert torch.equal(lin(x[:, :rows].contiguous()), fast[:, :rows]), rows
+        lin.fast_inference = False
+        assert torch.equal(lin(x), plain)  # off: nn.Linear's addmm
+    assert "weight" in lin._packs  # the packed path ran
+    if in_f <= 128:
+        assert torch.equal(fast, plain)
+    else:
+        assert 0 < (fast - plain).abs().max() < 1e-5 * plain.abs().max()
 
 
-@needs_mkl
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_fused_activations(bias):
+    lin, ref = _linear_pair(96, 200, bias)
+    x = torch.randn(300, 96)
+    with torch.no_grad():
+        y = lin(x)
+        assert torch.equal(lin.forward_act(x, "gelu"), torch.nn.functional.gelu(y))  # GELU: bit-identical
+        hs = lin.forward_act(x, "hardswish")
+        assert (hs - torch.nn.functional.hardswish(y)).abs().max() <= 1e-6 * y.abs().max()
+    # plain path (autograd): the functions themselves
+    xg = x.clone().requires_grad_()
+    assert torch.allclose(lin.forward_act(xg, "gelu"), torch.nn.functional.gelu(ref(x)), atol=1e-6)
+
+
+def test_mlp_fuses_gelu_only_where_it_follows_fc1():
+    assert Mlp(16, 64)._fused_gelu()
+    assert not Mlp(16, 64, dwconv=True)._fused_gelu()  # PVT v2: GELU after the depthwise conv
+    assert not Mlp(16, 64, extra_relu=True)._fused_gelu()  # PVT v2-li: ReLU between
+
+
+@needs_onednn
 def test_packed_linear_follows_weight_updates_copies_and_grad():
     torch.manual_seed(0)
     lin = Linear(32, 48).eval()
     x = torch.randn(200, 32)
     with torch.no_grad():
         lin(x)
-        assert len(lin._packs) == 1
+        packed = lin._packs["weight"]
+        lin(x)
+        assert lin._packs["weight"] is packed  # reused
         lin.load_state_dict({"weight": torch.randn(48, 32), "bias": torch.randn(48)})  # in place: new version
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-        assert len(lin._packs) == 1  # the stale pack was dropped
-    clone = copy.deepcopy(lin)  # MKL-packed tensors cannot be copied: they are left behind
+        assert lin._packs["weight"] is not packed  # the stale pack was replaced
+        lin.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor object
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are left behind
     assert "_packs" not in clone.__dict__
     buf = io.BytesIO()
     torch.save(lin, buf)

@@ -124,6 +124,28 @@ class PyramidBackbone(Backbone):
                 module.act_checkpoint = bool(enabled)
         return self
 
+    def set_fast_inference(self, enabled: bool = True) -> "PyramidBackbone":
+        """Turn the inference kernels that change float32 rounding (not the function) on (the default) or off.
+
+        On: in CPU float32 inference the linears run oneDNN's GEMM on weights
+        packed once, with a following GELU / hardswish applied inside it
+        (:class:`~.layers.Linear`), and LeViT folds its fixed BatchNorms into
+        the projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`).
+        Off: every linear is ``nn.Linear``'s ``addmm`` and every BatchNorm runs
+        on its own, the kernels of timm's models, which the outputs then equal
+        bit for bit where the two compute in the same order. Training,
+        autograd, autocast, CUDA and export are the same either way.
+        ``MODEL.PVT_D2.FAST_INFERENCE`` and
+        ``create_backbone(name, fast_inference=False)`` call this.
+
+        Returns:
+            ``self``.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(type(module), "fast_inference"):
+                module.fast_inference = bool(enabled)
+        return self
+
     def _init_pyramid(self, channels: Union[Mapping[str, int], Sequence[int]],
                       strides: Optional[Mapping[str, int]] = None,
                       out_features: Optional[Sequence[str]] = None, output_norm: bool = False,

@@ -422,7 +422,8 @@ class GlobalContextAttention(nn.Module):
         if not inference_inplace(x):
             out = self._attend(q, k, v, bias, key_padding)
         else:  # a few images or windows at a time: their attention weights stay in cache (bit-identical)
-            out = x.new_empty(b, nw, heads, n, hd)
+            tokens = x.new_empty(b, nw, n, heads, hd)  # written head-major below: no copy before proj
+            out = tokens.transpose(2, 3)
             for imgs, wins in attention_chunks(b, nw, heads * n * n):
                 out[imgs, wins] = self._attend(q[imgs, wins if q.shape[1] > 1 else slice(None)], k[imgs, wins],
                                                v[imgs, wins], bias, None if key_padding is None else key_padding[wins])

@@ -24,7 +24,6 @@ model (:func:`is_tracing`): zero-width pads and same-size resizes are exact
 no-ops, and the recorded graph then follows the input size instead of baking
 in the branch taken at the example size.
 """
-from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import torch
@@ -51,6 +50,7 @@ __all__ = [
     "LayerNorm2d",
     "Linear",
     "packed_linear",
+    "FUSED_ACTIVATIONS",
     "SpatialReductionAttention",
     "Mlp",
     "PatchEmbed",
@@ -395,76 +395,83 @@ class PatchEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), hw
 
 
-def _mkl_packed_linear_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packs: "OrderedDict",
-                  min_rows: int = 64, max_packed: int = 3) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through MKL-packed copies of ``weight`` kept in ``packs`` where it applies.
+#: Activations :func:`packed_linear` applies inside the GEMM: name -> (function, oneDNN post-op, its algorithm).
+FUSED_ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none"), "hardswish": (F.hardswish, "hardswish", "")}
 
-    See :class:`Linear`, the module form. ``packs`` is the caller's cache
-    (an empty ``OrderedDict`` at first); ``weight`` must be the same tensor
-    (same storage and version) from call to call for the packs to be reused.
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packs: dict,
+                  activation: Optional[str] = None, enabled: bool = True) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))``, through a oneDNN-packed copy of ``weight`` where it applies.
+
+    See :class:`Linear`, the module form. ``packs`` is the caller's cache (an
+    empty dict at first); the pack is reused while ``weight`` is the same
+    tensor object at the same version (in-place updates, e.g. loading
+    weights, bump it). ``activation`` is
+    None or a key of :data:`FUSED_ACTIVATIONS` (exact GELU, hardswish), applied
+    by the GEMM to its output tile while it is in cache. ``enabled=False``
+    always takes the plain path.
     """
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() < 2
-            or x.shape[-1] == 0 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or is_tracing()
-            or not _mkl_packed_linear_available()):
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    if rows < min_rows:
-        return F.linear(x, weight, bias)
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), rows)
-    packed = packs.get(key)
-    if packed is None:
-        for old in [k for k in packs if k[:3] != key[:3]]:  # the weight changed: drop its packs
-            del packs[old]
-        packed = packs[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-        if len(packs) > max_packed:
-            packs.popitem(last=False)
-    else:
-        packs.move_to_end(key)
-    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+    # is_tracing first: while recording, no size test may enter the graph
+    if (not enabled or is_tracing() or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or not _onednn_linear_available()):
+        y = F.linear(x, weight, bias)
+        return y if activation is None else FUSED_ACTIVATIONS[activation][0](y)
+    if packs.get("source") is not weight or packs["version"] != weight._version:  # new or changed weight
+        packs.update(source=weight, version=weight._version,
+                     weight=torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+    attr, algorithm = ("none", "") if activation is None else FUSED_ACTIVATIONS[activation][1:]
+    return torch.ops.mkldnn._linear_pointwise(x, packs["weight"], bias, attr, [], algorithm)
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU float32 inference reuses weights packed once for MKL's GEMM.
+    """``nn.Linear`` whose CPU float32 inference runs oneDNN's GEMM on a weight packed once.
 
-    Every ``addmm`` on the CPU packs the weight into MKL's blocked GEMM layout
-    before multiplying. In inference the weight does not change, so this
-    module packs it once per input row count (``torch.ops.mkl._mkl_reorder_linear_weight``,
-    the prepacked linear of ``torch.compile``'s CPU backend) and calls the
-    packed GEMM (``torch.ops.mkl._mkl_linear``): the same kernel on the same
-    operands, bit-identical to ``nn.Linear`` (checked in
-    ``tests/test_mlp_chunks.py``). The gain is small: per call, alternating
-    with ``addmm`` on hot operands, within 3% on 18 transformer shapes here
-    (25088 to 392 rows, one and two threads); over whole models, where the
-    weights are cold, GC ViT 224 batch 8 ran 3% faster (1111 vs 1142 ms, one
-    thread, medians of 8 alternating rounds), Twins SVT the same. MKL uses
-    a packed weight only for the row count it was packed for, so up to
-    :attr:`max_packed` row counts are kept (a model at a fixed input size sees
-    one or two per layer); each costs about the weight's size in memory. Packs
-    are rebuilt when the weight changes (in-place updates bump its version)
-    and are not part of the state dict, pickles or copies.
+    ``nn.Linear`` on the CPU calls MKL's ``sgemm`` (``addmm``), which repacks
+    the weight into its blocked layout on every call. In inference the weight
+    does not change, so this module packs it once for oneDNN
+    (``torch.ops.mkldnn._reorder_linear_weight``) and calls oneDNN's packed
+    GEMM (``torch.ops.mkldnn._linear_pointwise``), the prepacked linear of
+    ``torch.compile``'s CPU backend. On this machine's AMD EPYC it runs the
+    linears of the models here 10-25% faster than ``addmm`` (one and two
+    threads, 392 to 25088 rows); the per-row results do not depend on the
+    row count (chunked MLPs stay bit-identical to unchunked ones), and they
+    equal ``addmm``'s for inputs of up to 128 channels and differ by float
+    rounding (~1e-6 relative) above, where the two libraries block the sum
+    differently. :meth:`forward_act` also applies the following GELU /
+    hardswish inside the GEMM (GELU bit-identical to applying it after,
+    hardswish within 1.2e-7).
 
-    Training, autograd, autocast, other dtypes and devices, non-contiguous
-    inputs, fewer than :attr:`min_rows` rows (where ``addmm`` takes other
-    kernels) and recording (:func:`is_tracing`) take ``nn.Linear``'s path.
+    Only inference takes this path: training and anything with autograd,
+    autocast, other dtypes and devices, non-contiguous inputs and recording
+    (:func:`is_tracing`) run ``nn.Linear``'s ``addmm``; so does every call
+    with :attr:`fast_inference` off (see
+    :meth:`~.base.PyramidBackbone.set_fast_inference`, e.g. to reproduce
+    another ``addmm``-based implementation bit for bit). The pack costs the
+    weight's size in memory, is rebuilt when the weight changes (in-place
+    updates bump its version) and is not part of the state dict, pickles or
+    copies.
     """
 
-    #: Fewest input rows (tokens) for the packed path.
-    min_rows = 64
-    #: Packed weights kept per module (one per input row count, least recently used dropped).
-    max_packed = 3
+    #: Whether inference uses the packed oneDNN GEMM; see :meth:`~.base.PyramidBackbone.set_fast_inference`.
+    fast_inference = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.weight, self.bias, self.__dict__.setdefault("_packs", OrderedDict()),
-                             self.min_rows, self.max_packed)
+        return self.forward_act(x)
+
+    def forward_act(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
+        """``activation(self(x))``; ``activation`` is None or a key of :data:`FUSED_ACTIVATIONS`."""
+        return packed_linear(x, self.weight, self.bias, self.__dict__.setdefault("_packs", {}), activation,
+                             self.fast_inference)
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state.pop("_packs", None)  # MKL-packed tensors can be neither pickled nor deep-copied
+        state.pop("_packs", None)  # oneDNN-packed tensors can be neither pickled nor deep-copied
         return state
 
 
@@ -485,7 +492,8 @@ class Mlp(nn.Module):
     batch 8, stage 1 runs ~1.5x faster). Each output token sees exactly the
     operands of the whole-tensor computation (the same GEMM rows, the same
     3x3 neighbourhood), and the results are bit-identical in practice. The
-    GELU runs in place on the hidden activations.
+    GELU runs inside ``fc1``'s GEMM when it follows ``fc1`` directly
+    (:meth:`Linear.forward_act`), otherwise in place on the hidden activations.
 
     Args:
         dim: input and output channels.
@@ -520,15 +528,22 @@ class Mlp(nn.Module):
         if (inference_inplace(x) and x.numel() // x.shape[-1] * self.fc1.out_features > self.min_chunked_numel
                 and x.is_contiguous() and not (self.training and self.drop.p > 0)):
             return self._forward_chunked(x, hw)
-        x = self.relu(self.fc1(x))
-        if self.dwconv is not None:
-            x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))  # channels-last: no layout copies
-        if inference_inplace(x) and x.is_contiguous():
-            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        if self._fused_gelu():
+            x = self.fc1.forward_act(x, "gelu")
         else:
-            x = self.act(x)
+            x = self.relu(self.fc1(x))
+            if self.dwconv is not None:
+                x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))  # channels-last: no layout copies
+            if inference_inplace(x) and x.is_contiguous():
+                x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+            else:
+                x = self.act(x)
         x = self.drop(x)
         return self.drop(self.fc2(x))
+
+    def _fused_gelu(self) -> bool:
+        """Whether the GELU follows ``fc1`` directly, so that ``fc1`` can apply it (:meth:`Linear.forward_act`)."""
+        return self.dwconv is None and isinstance(self.relu, nn.Identity) and self.act.approximate == "none"
 
     def _chunk(self, hidden: torch.Tensor) -> torch.Tensor:
         """GELU (in place) and ``fc2`` of ``(M, hidden_dim)`` activations."""
@@ -541,8 +556,10 @@ class Mlp(nn.Module):
             tokens = x.view(-1, x.shape[-1])
             step = _even_step(tokens.shape[0], chunk)
             out = None
+            fused = self._fused_gelu()
             for start in range(0, tokens.shape[0], step):
-                y = self._chunk(self.relu(self.fc1(tokens[start:start + step])))
+                part = tokens[start:start + step]
+                y = self.fc2(self.fc1.forward_act(part, "gelu")) if fused else self._chunk(self.relu(self.fc1(part)))
                 if out is None:  # the dtype of the result (autocast)
                     out = y.new_empty(tokens.shape[0], y.shape[-1])
                 out[start:start + step] = y

@@ -70,7 +70,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import Linear, crop_to, inference_inplace, is_tracing, to_contiguous
+from .layers import FUSED_ACTIVATIONS, Linear, crop_to, inference_inplace, is_tracing, packed_linear, to_contiguous
 from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
 from .registry import register_architectures
 
@@ -179,22 +179,26 @@ def batchnorm_affine(bn: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor
 class _FoldableBN(nn.Module):
     """A bias-free projection ``linear`` followed by BatchNorm ``bn``, folded into one projection when possible.
 
-    Whenever the BatchNorm is a fixed affine map (:func:`batchnorm_affine`:
-    frozen, or in eval mode) the pair is computed as one projection with
-    weight ``W * scale`` and bias ``shift``, as the official LeViT code does
-    for inference (``model/levit.py`` of facebookresearch/LeViT fuses each
-    ``Conv2d_BN`` / ``Linear_BN``); this removes a full pass over the
-    activations. The folded weights are derived values, never parameters or
-    buffers, so the state dict is unchanged. They are cached while no
+    In inference (no autograd graph recorded; :attr:`fast_inference`, on by
+    default), and in training too once :attr:`fold_batchnorm` is set, the pair
+    is computed as one projection with weight ``W * scale`` and bias
+    ``shift`` whenever the BatchNorm is a fixed affine map
+    (:func:`batchnorm_affine`: frozen, or in eval mode), as the official LeViT
+    code does for inference (``model/levit.py`` of facebookresearch/LeViT
+    fuses each ``Conv2d_BN`` / ``Linear_BN``); this removes a full pass over
+    the activations. The folded weights are derived values, never parameters
+    or buffers, so the state dict is unchanged. They are cached while no
     gradient is needed (keyed on the storage and version counters of the five
     source tensors, so loading weights invalidates them) and recomputed in the
     graph otherwise (training with frozen BatchNorm, tracing, export), where
-    folding is the same function with the same gradients. ``fold_batchnorm``
-    (see :meth:`LevitBackbone.set_batchnorm_folding`) switches folding off to
-    run the projection and the BatchNorm separately.
+    folding is the same function with the same gradients; in float32 the
+    outputs differ from the unfolded ones by rounding only (~3e-6 relative).
     """
 
+    #: Fold also while autograd records (frozen BatchNorm in training); see :meth:`LevitBackbone.set_batchnorm_folding`.
     fold_batchnorm = False
+    #: Fold in inference; see :meth:`~.base.PyramidBackbone.set_fast_inference`.
+    fast_inference = True
 
     def __init__(self):
         super().__init__()
@@ -202,13 +206,13 @@ class _FoldableBN(nn.Module):
         self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def folded(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(weight, bias)`` of the folded projection, or None when the BatchNorm cannot be folded."""
-        if not self.fold_batchnorm:
-            return None
+        """``(weight, bias)`` of the folded projection, or None when the BatchNorm is not to be or cannot be folded."""
         bn, weight = self.bn, self.linear.weight
         sources = [weight] + [t for t in (getattr(bn, "weight", None), getattr(bn, "bias", None),
                                           bn.running_mean, bn.running_var) if t is not None]
         recorded = is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+        if not (self.fold_batchnorm or (self.fast_inference and not recorded)):
+            return None
         if not recorded:
             key = (bn.training, weight.device, weight.dtype) + tuple((t.data_ptr(), t._version) for t in sources)
             if key == self._folded_key:
@@ -221,6 +225,11 @@ class _FoldableBN(nn.Module):
         if not recorded:
             self._folded_key, self._folded = key, tuple(t.detach() for t in folded)
         return folded
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_packs", None)  # oneDNN-packed tensors can be neither pickled nor deep-copied
+        return state
 
 
 class ConvBN(_FoldableBN):
@@ -252,16 +261,21 @@ class LinearBN(_FoldableBN):
 
     def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0):
         super().__init__()
-        self.linear = Linear(in_features, out_features, bias=False)  # MKL-packed weights in inference
+        self.linear = Linear(in_features, out_features, bias=False)  # oneDNN-packed weights in inference
         self.bn = nn.BatchNorm1d(out_features)
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
+        """``activation(bn(linear(x)))``; ``activation`` is None or a key of :data:`~.layers.FUSED_ACTIVATIONS`."""
         folded = self.folded()
-        if folded is not None:  # one addmm on the flattened tokens (a >2-d input may take a batched matmul)
-            return F.linear(x.reshape(-1, x.shape[-1]), folded[0], folded[1]).view(x.shape[:-1] + (-1,))
+        if folded is not None:  # one GEMM on the flattened tokens, on a packed copy of the folded weight
+            packs = self.__dict__.setdefault("_packs", {})
+            y = packed_linear(x.reshape(-1, x.shape[-1]), folded[0], folded[1], packs, activation,
+                              self.fast_inference)
+            return y.view(x.shape[:-1] + (-1,))
         x = self.linear(x)
-        return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        x = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        return x if activation is None else FUSED_ACTIVATIONS[activation][0](x)
 
 
 # ---------------------------------------------------------------------------
@@ -618,7 +632,7 @@ class LevitMlp(nn.Module):
         self.ln2 = LinearBN(hidden_dim, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln2(self.act(self.ln1(x)))
+        return self.ln2(self.ln1(x, activation="hardswish"))  # the GEMM applies it (self.act has no state)
 
 
 class LevitBlock(nn.Module):

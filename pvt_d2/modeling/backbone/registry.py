@@ -78,11 +78,15 @@ def create_backbone(name: str, **kwargs):
 
     Keyword arguments override or extend the variant's own (``out_features``,
     ``drop_path_rate``, ``freeze_at``, ...); ``act_checkpoint=True`` turns on
-    activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`).
+    activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`),
+    ``fast_inference=False`` turns off the inference kernels that change float32
+    rounding (:meth:`~.base.PyramidBackbone.set_fast_inference`).
     """
     spec = get_arch(name)
     act_checkpoint = kwargs.pop("act_checkpoint", False)
-    return spec.model_cls(**{**spec.kwargs, **kwargs}).set_act_checkpoint(act_checkpoint)
+    fast_inference = kwargs.pop("fast_inference", True)
+    model = spec.model_cls(**{**spec.kwargs, **kwargs})
+    return model.set_act_checkpoint(act_checkpoint).set_fast_inference(fast_inference)
 
 
 def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
@@ -107,7 +111,8 @@ def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
 
 def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
     model_cls, kwargs = backbone_kwargs_from_cfg(cfg, input_shape.channels)
-    return model_cls(**kwargs).set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    model = model_cls(**kwargs).set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    return model.set_fast_inference(cfg.MODEL.PVT_D2.FAST_INFERENCE)
 
 
 @BACKBONE_REGISTRY.register()

@@ -127,7 +127,8 @@ class LocallyGroupedAttention(nn.Module):
         if not inference_inplace(x):
             out = self._attention(q, k, v)
         else:  # a few images or windows at a time: their attention weights stay in cache (bit-identical)
-            out = x.new_empty(q.shape)
+            # written head-major into token-major memory: the transpose below is then a view
+            out = x.new_empty(b, num_windows, ws * ws, heads, c // heads).transpose(2, 3)
             for imgs, wins in attention_chunks(b, num_windows, heads * ws ** 4):
                 out[imgs, wins] = self._attention(q[imgs, wins], k[imgs, wins], v[imgs, wins])
         out = out.transpose(2, 3).reshape(b * num_windows, ws, ws, c)

@@ -1,0 +1,65 @@
+"""The fast inference kernels (``PyramidBackbone.set_fast_inference``): same function, float32 rounding only.
+
+On (the default), CPU float32 inference runs the linears as oneDNN GEMMs on
+packed weights (GELU fused) and folds LeViT's fixed BatchNorms; off, every
+family runs timm's kernels, against which the parity tests of each family
+compare. Here: the two agree to float32 rounding on every family that has
+such layers, the fast path really runs, and the switch reaches every module
+from the config.
+"""
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+
+from pvt_d2.config import get_pvt_d2_cfg
+from pvt_d2.modeling.backbone import build_pvt_d2_backbone, create_backbone, layers
+from pvt_d2.modeling.backbone.levit import LinearBN
+
+FAMILIES = ["pvt_tiny", "pvt_v2_b0", "twins_pcpvt_small", "twins_svt_small", "levit_128s", "gcvit_xxtiny"]
+needs_onednn = pytest.mark.skipif(not layers._onednn_linear_available(), reason="no oneDNN linear")
+
+
+def _switchable(model):
+    return [m for m in model.modules() if hasattr(type(m), "fast_inference")]
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fast_inference_differs_from_the_reference_kernels_by_rounding_only(name):
+    torch.manual_seed(0)
+    kwargs = {"out_features": ["res2", "res3", "res4", "res5"]} if name.startswith("levit") else {}
+    model = create_backbone(name, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model(x)
+        ref = model.set_fast_inference(False)(x)
+    assert fast.keys() == ref.keys()
+    worst = max(((fast[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+    assert 0 < worst < 1e-5  # > 0: another summation order really ran (layers of more than 128 channels)
+    packed = [m for m in model.modules() if isinstance(m, (layers.Linear, LinearBN)) and m.__dict__.get("_packs")]
+    assert packed  # the packed GEMM ran
+
+
+@needs_onednn
+def test_fast_inference_keeps_training_and_autograd_on_the_reference_kernels():
+    torch.manual_seed(0)
+    model = create_backbone("twins_svt_small").eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.set_fast_inference(False)(x)
+    graph = model.set_fast_inference(True)(x.clone().requires_grad_())  # autograd records: addmm
+    assert all(torch.equal(graph[k].detach(), ref[k]) for k in ref)
+    assert not any(m.__dict__.get("_packs") for m in model.modules())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_config_key_reaches_every_module(enabled):
+    cfg = get_pvt_d2_cfg()
+    assert cfg.MODEL.PVT_D2.FAST_INFERENCE is True  # the default
+    cfg.MODEL.PVT_D2.ARCH = "levit_128s"
+    cfg.MODEL.PVT_D2.FAST_INFERENCE = enabled
+    model = build_pvt_d2_backbone(cfg, ShapeSpec(channels=3))
+    switchable = _switchable(model)
+    assert any(isinstance(m, layers.Linear) for m in switchable) and any(isinstance(m, LinearBN) for m in switchable)
+    assert all(m.fast_inference is enabled for m in switchable)
+    assert all(m.fast_inference is enabled for m in _switchable(create_backbone("pvt_v2_b0", fast_inference=enabled)))
