@@ -63,3 +63,23 @@ def test_config_key_reaches_every_module(enabled):
     assert any(isinstance(m, layers.Linear) for m in switchable) and any(isinstance(m, LinearBN) for m in switchable)
     assert all(m.fast_inference is enabled for m in switchable)
     assert all(m.fast_inference is enabled for m in _switchable(create_backbone("pvt_v2_b0", fast_inference=enabled)))
+
+
+def test_levit_stem_runs_channels_last_only_where_autograd_records_nothing():
+    torch.manual_seed(0)
+    model = create_backbone("levit_128s", out_features=["res2", "res3", "res4"])
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    seen = []
+    handle = model.stem.conv2.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    try:
+        with torch.no_grad():
+            fast = model.eval()(x)
+            ref = model.set_fast_inference(False)(x)
+        model.set_fast_inference(True).train()(x)  # the stem's parameters are trained: NCHW, as timm
+    finally:
+        handle.remove()
+    assert seen == [True, False, False]
+    for k in ref:  # the outputs are plain NCHW tensors either way
+        assert fast[k].is_contiguous() and (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k

@@ -127,14 +127,16 @@ class PyramidBackbone(Backbone):
     def set_fast_inference(self, enabled: bool = True) -> "PyramidBackbone":
         """Turn the inference kernels that change float32 rounding (not the function) on (the default) or off.
 
-        On: in CPU float32 inference the linears run oneDNN's GEMM on weights
-        packed once, with a following GELU / hardswish applied inside it
-        (:class:`~.layers.Linear`), and LeViT folds its fixed BatchNorms into
-        the projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`).
-        Off: every linear is ``nn.Linear``'s ``addmm`` and every BatchNorm runs
-        on its own, the kernels of timm's models, which the outputs then equal
-        bit for bit where the two compute in the same order. Training,
-        autograd, autocast, CUDA and export are the same either way.
+        On: wherever autograd records nothing (inference, and frozen layers in
+        training), CPU float32 linears run oneDNN's GEMM on weights packed
+        once, with a following GELU / hardswish applied inside it
+        (:class:`~.layers.Linear`); LeViT folds its fixed BatchNorms into the
+        projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`)
+        and runs its conv stem channels-last. Off: every linear is
+        ``nn.Linear``'s ``addmm`` and every BatchNorm runs on its own, the
+        kernels of timm's models, which the outputs then equal bit for bit
+        where the two compute in the same order. Layers being trained,
+        autocast, CUDA and export compute the same either way.
         ``MODEL.PVT_D2.FAST_INFERENCE`` and
         ``create_backbone(name, fast_inference=False)`` call this.
 

@@ -447,9 +447,10 @@ class Linear(nn.Linear):
     hardswish inside the GEMM (GELU bit-identical to applying it after,
     hardswish within 1.2e-7).
 
-    Only inference takes this path: training and anything with autograd,
-    autocast, other dtypes and devices, non-contiguous inputs and recording
-    (:func:`is_tracing`) run ``nn.Linear``'s ``addmm``; so does every call
+    Only calls autograd does not record take this path (inference, or a
+    frozen layer in training): a layer being trained, autocast, other dtypes
+    and devices, non-contiguous inputs and recording (:func:`is_tracing`)
+    run ``nn.Linear``'s ``addmm``; so does every call
     with :attr:`fast_inference` off (see
     :meth:`~.base.PyramidBackbone.set_fast_inference`, e.g. to reproduce
     another ``addmm``-based implementation bit for bit). The pack costs the

