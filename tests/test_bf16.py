@@ -190,3 +190,25 @@ def test_spatial_reduction_attention_bf16_inference_path(monkeypatch):
     with torch.no_grad():
         assert torch.equal(sra(x.detach(), (16, 12)), ref)  # float32: unchanged
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16")
+def test_packed_linear_under_bf16_autocast():
+    """Inference under CPU bf16 autocast: a bfloat16 pack made once, F.linear's autocast result."""
+    from pvt_d2.modeling.backbone.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 200).eval()
+    x = torch.randn(3, 50, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)  # autocast: weight cast on every call
+        gelu = lin.forward_act(x, "gelu")
+        again = lin(x.bfloat16())
+    assert y.dtype == ref.dtype == gelu.dtype == torch.bfloat16
+    assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    assert torch.equal(again, y)  # a float32 input is rounded to bfloat16 first, as autocast does
+    assert (gelu.float() - torch.nn.functional.gelu(y.float())).abs().max() <= 1e-2 * y.float().abs().max()
+    assert lin._packs[torch.bfloat16]["packed"].dtype == torch.bfloat16 and torch.float32 not in lin._packs
+    with torch.no_grad():
+        assert lin(x).dtype == torch.float32 and torch.float32 in lin._packs  # outside autocast: float32

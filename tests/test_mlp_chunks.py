@@ -80,7 +80,7 @@ def test_packed_linear_matches_nn_linear(in_f, out_f):
             assert torch.equal(lin(x[:, :rows].contiguous()), fast[:, :rows]), rows
         lin.fast_inference = False
         assert torch.equal(lin(x), plain)  # off: nn.Linear's addmm
-    assert "weight" in lin._packs  # the packed path ran
+    assert torch.float32 in lin._packs  # the packed path ran
     if in_f <= 128:
         assert torch.equal(fast, plain)
     else:
@@ -115,12 +115,14 @@ def test_packed_linear_follows_weight_updates_copies_and_grad():
     x = torch.randn(200, 32)
     with torch.no_grad():
         lin(x)
-        packed = lin._packs["weight"]
+        packed = lin._packs[torch.float32]["packed"]
         lin(x)
-        assert lin._packs["weight"] is packed  # reused
+        assert lin._packs[torch.float32]["packed"] is packed  # reused
         lin.load_state_dict({"weight": torch.randn(48, 32), "bias": torch.randn(48)})  # in place: new version
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-        assert lin._packs["weight"] is not packed  # the stale pack was replaced
+        assert lin._packs[torch.float32]["packed"] is not packed  # the stale pack was replaced
+        lin.bias.add_(1.0)  # the bias alone changes: the cached bias follows
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
         lin.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor object
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are left behind

@@ -403,30 +403,51 @@ def _onednn_linear_available() -> bool:
 FUSED_ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none"), "hardswish": (F.hardswish, "hardswish", "")}
 
 
+def _packed_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype :func:`packed_linear` computes in (float32, or bfloat16 under CPU autocast), or None."""
+    if weight.dtype != torch.float32 or not _onednn_linear_available():
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    # CPU autocast: what F.linear would compute in, where oneDNN has bfloat16 kernels
+    if (torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], packs: dict,
                   activation: Optional[str] = None, enabled: bool = True) -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))``, through a oneDNN-packed copy of ``weight`` where it applies.
 
-    See :class:`Linear`, the module form. ``packs`` is the caller's cache (an
-    empty dict at first); the pack is reused while ``weight`` is the same
-    tensor object at the same version (in-place updates, e.g. loading
-    weights, bump it). ``activation`` is
-    None or a key of :data:`FUSED_ACTIVATIONS` (exact GELU, hardswish), applied
-    by the GEMM to its output tile while it is in cache. ``enabled=False``
-    always takes the plain path.
+    See :class:`Linear`, the module form. Float32 CPU inputs, and under CPU
+    autocast to bfloat16 float32 / bfloat16 inputs (computed in bfloat16 as
+    ``F.linear`` would under autocast, from a bfloat16 copy of the weight
+    packed once instead of a cast on every call). ``packs`` is the caller's
+    cache (an empty dict at first): one pack per compute dtype, reused while
+    ``weight`` (and ``bias``) are the same tensor objects at the same versions
+    (in-place updates, e.g. loading weights, bump them). ``activation`` is
+    None or a key of :data:`FUSED_ACTIVATIONS` (exact GELU, hardswish),
+    applied by the GEMM to its output tile while it is in cache.
+    ``enabled=False`` always takes the plain path.
     """
     # is_tracing first: while recording, no size test may enter the graph
-    if (not enabled or is_tracing() or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or not _onednn_linear_available()):
+    dtype = None
+    if (enabled and not is_tracing() and x.device.type == "cpu" and x.dim() >= 2 and x.numel() > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and x.is_contiguous()):
+        dtype = _packed_dtype(x, weight)
+    if dtype is None:
         y = F.linear(x, weight, bias)
         return y if activation is None else FUSED_ACTIVATIONS[activation][0](y)
-    if packs.get("source") is not weight or packs["version"] != weight._version:  # new or changed weight
-        packs.update(source=weight, version=weight._version,
-                     weight=torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+    versions = (weight._version, None if bias is None else bias._version)
+    pack = packs.get(dtype)
+    if pack is None or pack["weight"] is not weight or pack["bias"] is not bias or pack["versions"] != versions:
+        pack = packs[dtype] = {  # new or changed weight / bias
+            "weight": weight, "bias": bias, "versions": versions,
+            "packed": torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)),
+            "packed_bias": None if bias is None else bias.detach().to(dtype)}
     attr, algorithm = ("none", "") if activation is None else FUSED_ACTIVATIONS[activation][1:]
-    return torch.ops.mkldnn._linear_pointwise(x, packs["weight"], bias, attr, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), pack["packed"], pack["packed_bias"], attr, [], algorithm)
 
 
 class Linear(nn.Linear):
