@@ -125,6 +125,8 @@ def test_packed_linear_follows_weight_updates_copies_and_grad():
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
         lin.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor object
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        lin.weight.data = torch.randn(48, 32)  # new storage, same object and version (what Module.to does)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are left behind
     assert "_packs" not in clone.__dict__
     buf = io.BytesIO()

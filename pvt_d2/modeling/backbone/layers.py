@@ -425,8 +425,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     ``F.linear`` would under autocast, from a bfloat16 copy of the weight
     packed once instead of a cast on every call). ``packs`` is the caller's
     cache (an empty dict at first): one pack per compute dtype, reused while
-    ``weight`` (and ``bias``) are the same tensor objects at the same versions
-    (in-place updates, e.g. loading weights, bump them). ``activation`` is
+    ``weight`` (and ``bias``) are the same tensor objects on the same storage
+    at the same versions (in-place updates, e.g. loading weights, bump them). ``activation`` is
     None or a key of :data:`FUSED_ACTIVATIONS` (exact GELU, hardswish),
     applied by the GEMM to its output tile while it is in cache.
     ``enabled=False`` always takes the plain path.
@@ -439,7 +439,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if dtype is None:
         y = F.linear(x, weight, bias)
         return y if activation is None else FUSED_ACTIVATIONS[activation][0](y)
-    versions = (weight._version, None if bias is None else bias._version)
+    # storage and version: `param.data = ...` (e.g. Module.to) swaps the storage without a version bump
+    versions = tuple((t.data_ptr(), t._version) if t is not None else None for t in (weight, bias))
     pack = packs.get(dtype)
     if pack is None or pack["weight"] is not weight or pack["bias"] is not bias or pack["versions"] != versions:
         pack = packs[dtype] = {  # new or changed weight / bias
