@@ -352,9 +352,33 @@ def test_run_benchmark_amp_and_time_budget():
         calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         return torch.zeros(1)
 
-    result = run_benchmark(forward, name="x", iters=5, warmup=1, amp=True, max_seconds=0.0)
+    result = run_benchmark(forward, name="x", iters=5, warmup=1, amp=True, max_seconds=0.0, measure_memory=False)
     assert len(result.times_s) == 1 and len(calls) == 2  # warm-up + one timed pass, then the budget stops it
     assert calls[-1] == torch.bfloat16
+    assert result.precision == "bfloat16 autocast" and "bfloat16 autocast" in result.summary()
+
+
+def test_run_benchmark_times_no_pass_beside_the_memory_sampler():
+    """The RSS sampling thread competes for the cores: it runs only on the extra, untimed memory pass."""
+    import threading
+    import time
+
+    from pvt_d2.utils.analysis import SAMPLER_THREAD_NAME, run_benchmark
+
+    sampler_alive = []
+
+    def forward():
+        sampler_alive.append(any(t.name == SAMPLER_THREAD_NAME for t in threading.enumerate()))
+        x = torch.ones(64 * 2 ** 20 // 4 * 3)  # 192 MiB, touched, freed at return
+        if sampler_alive[-1]:
+            time.sleep(0.2)  # the GIL is free: the thread samples while x is held
+        return x.sum()
+
+    result = run_benchmark(forward, name="x", iters=3, warmup=1)
+    assert sampler_alive == [False, False, False, False, True]  # warm-up, 3 timed passes, the memory pass
+    assert len(result.times_s) == 3
+    assert result.peak_memory_bytes > 150 * 2 ** 20
+    assert result.precision == "float32" and "float32" in result.summary()
 
 
 # --------------------------------------------------------------------------- model zoo

@@ -16,10 +16,11 @@ detector in float32 (see :mod:`pvt_d2.utils.precision`); a bare ``--amp`` is
 float16 on CUDA, bfloat16 on the CPU. A precision the hardware lacks (bfloat16
 on a CPU without AVX512-BF16/AMX) falls back to float32 with a warning. After
 ``--warmup`` untimed passes, ``--iters`` passes are timed (CUDA
-synchronised). Peak memory is the increase over the memory in use before the
-timed passes: ``torch.cuda.max_memory_allocated`` on a GPU, the resident set
-size high-water mark on the CPU (so it covers activations and workspace, not
-the weights loaded before).
+synchronised). Peak memory is measured on one more, untimed pass (a CPU RSS
+sampling thread beside timed passes would slow them): the increase over the
+memory in use before it, ``torch.cuda.max_memory_allocated`` on a GPU, the
+resident set size high-water mark on the CPU (so it covers activations and
+workspace, not the weights loaded before).
 
 ``--what train-memory`` runs one training step (forward + backward) of the
 detector on one random image with one box/mask per image and reports: the
@@ -180,8 +181,9 @@ def benchmark(cfg, what, device: str, amp_dtype, height: int, width: int, batch_
     rest of the detector runs in float32.
     """
     results = []
-    common = dict(device=device, iters=iters, warmup=warmup, batch_size=batch_size, size=(height, width))
-    suffix = f" [{str(amp_dtype).replace('torch.', '')} autocast]" if amp_dtype is not None else ""
+    precision = f"{str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "float32"
+    common = dict(device=device, iters=iters, warmup=warmup, batch_size=batch_size, size=(height, width),
+                  precision=precision)
     if "detector" in what:
         model = build_detector(cfg, device)
         if cfg.MODEL.WEIGHTS:
@@ -201,10 +203,10 @@ def benchmark(cfg, what, device: str, amp_dtype, height: int, width: int, batch_
                                 enabled=amp_dtype is not None):
                 return backbone(images)
 
-        results.append(run_benchmark(run_backbone, name="backbone" + suffix, **common))
+        results.append(run_benchmark(run_backbone, name="backbone", **common))
     if model is not None:
         inputs = detector_inputs(batch_size, height, width, device)
-        results.append(run_benchmark(lambda: model(inputs), name="detector" + suffix, **common))
+        results.append(run_benchmark(lambda: model(inputs), name="detector", **common))
     return results
 
 

@@ -238,7 +238,8 @@ def measure(entries: List[Dict], flops: bool = True, latency: bool = True, laten
         if latency:
             # the FLOP count's traced forward pass doubles as the warm-up
             result = run_benchmark(functools.partial(backbone, image), name=arch, device="cpu", iters=latency_iters,
-                                   warmup=0 if flops else 1, size=size, max_seconds=latency_budget_s)
+                                   warmup=0 if flops else 1, size=size, max_seconds=latency_budget_s,
+                                   measure_memory=False)
             stats["latency_ms"] = result.mean_ms
             stats["latency_passes"] = len(result.times_s)
         stats["load_1min"] = os.getloadavg()[0]  # how busy the machine was (other jobs make latency noisy)

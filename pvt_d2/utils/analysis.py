@@ -234,6 +234,10 @@ def _maxrss_bytes() -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # Linux reports KiB
 
 
+#: Name of :class:`PeakMemory`'s RSS sampling thread.
+SAMPLER_THREAD_NAME = "pvt_d2-peak-memory"
+
+
 class PeakMemory:
     """Context manager measuring the peak memory increase of the code it wraps.
 
@@ -287,7 +291,7 @@ class PeakMemory:
             self._maxrss_before = _maxrss_bytes()
             self._sampled_peak = self.baseline_bytes
             self._stop.clear()
-            self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+            self._thread = threading.Thread(target=self._sample_until_stopped, name=SAMPLER_THREAD_NAME, daemon=True)
             self._thread.start()
         return self
 
@@ -306,17 +310,24 @@ class PeakMemory:
         return False
 
 
+def autocast_dtype(device) -> torch.dtype:
+    """The mixed-precision dtype of :func:`autocast` on ``device``: float16 on CUDA, bfloat16 on the CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def autocast(device, enabled: bool):
-    """Mixed precision for ``device``: float16 on CUDA, bfloat16 on the CPU; a no-op when disabled."""
-    device_type = torch.device(device).type
+    """Mixed precision for ``device`` (:func:`autocast_dtype`); a no-op when disabled."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype(device))
 
 
 @dataclass
 class BenchmarkResult:
-    """Timings (seconds per iteration) and peak memory of one benchmark."""
+    """Timings (seconds per iteration) and peak memory of one benchmark.
+
+    ``precision`` names the arithmetic timed (``"float32"``, ``"bfloat16 autocast"``, ...).
+    """
 
     name: str
     device: str
@@ -327,6 +338,7 @@ class BenchmarkResult:
     times_s: List[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     baseline_memory_bytes: int = 0
+    precision: str = "float32"
 
     @property
     def mean_ms(self) -> float:
@@ -354,7 +366,7 @@ class BenchmarkResult:
     def summary(self) -> str:
         return (f"{self.name}: {self.mean_ms:.1f} ms/iter (median {self.median_ms:.1f}, min {self.min_ms:.1f}), "
                 f"{self.throughput:.2f} img/s, peak memory +{self.peak_memory_bytes / 2 ** 20:.0f} MiB "
-                f"[{self.device}, {'AMP' if self.amp else 'fp32'}, batch {self.batch_size}, "
+                f"[{self.device}, {self.precision}, batch {self.batch_size}, "
                 f"{self.width}x{self.height}]")
 
 
@@ -365,31 +377,40 @@ def _sync(device: torch.device):
 
 def run_benchmark(fn: Callable[[], object], *, name: str, device="cpu", iters: int = 10, warmup: int = 2,
                   amp: bool = False, batch_size: int = 1, size: Sequence[int] = (0, 0),
-                  max_seconds: Optional[float] = None) -> BenchmarkResult:
+                  max_seconds: Optional[float] = None, measure_memory: bool = True,
+                  precision: Optional[str] = None) -> BenchmarkResult:
     """Time ``fn()`` (one forward pass) ``iters`` times after ``warmup`` untimed calls.
 
-    Runs under ``torch.no_grad()`` and :func:`autocast`; the peak memory is
-    measured over the timed iterations. ``size`` is ``(height, width)`` and
-    only recorded. With ``max_seconds``, timing stops early once the timed
-    iterations took that long in total (at least one iteration is timed).
+    Runs under ``torch.no_grad()`` and :func:`autocast`. The peak memory is
+    measured on one more, untimed pass (``measure_memory``): on the CPU its
+    RSS sampling thread would compete with the compute threads for the cores
+    (6-12% slower passes at two threads on two cores), so no timed pass runs
+    beside it. ``size`` is ``(height, width)`` and only recorded. With
+    ``max_seconds``, timing stops early once the timed iterations took that
+    long in total (at least one iteration is timed). ``precision`` labels the
+    arithmetic when ``fn`` sets its own autocast (default: from ``amp``).
     """
     if iters < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
     device = torch.device(device)
-    result = BenchmarkResult(name, str(device), amp, batch_size, int(size[0]), int(size[1]))
+    if precision is None:
+        precision = str(autocast_dtype(device)).replace("torch.", "") + " autocast" if amp else "float32"
+    result = BenchmarkResult(name, str(device), amp, batch_size, int(size[0]), int(size[1]), precision=precision)
     with torch.no_grad(), autocast(device, amp):
         for _ in range(max(0, warmup)):
             fn()
         _sync(device)
-        # no heap release: the timed passes must not pay again the page faults the warm-up paid
-        with PeakMemory(device, release_free_heap=False) as mem:
-            for _ in range(iters):
-                start = time.perf_counter()
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            result.times_s.append(time.perf_counter() - start)
+            if max_seconds is not None and sum(result.times_s) >= max_seconds:
+                break
+        if measure_memory:
+            with PeakMemory(device) as mem:
                 fn()
-                _sync(device)
-                result.times_s.append(time.perf_counter() - start)
-                if max_seconds is not None and sum(result.times_s) >= max_seconds:
-                    break
-    result.peak_memory_bytes = mem.peak_bytes
-    result.baseline_memory_bytes = mem.baseline_bytes
+                mem.sample()
+            result.peak_memory_bytes = mem.peak_bytes
+            result.baseline_memory_bytes = mem.baseline_bytes
     return result
