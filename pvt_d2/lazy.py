@@ -66,10 +66,13 @@ def _lazy_backbone(cfg, backbone):
     from detectron2.modeling.backbone import FPN
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-    from .modeling.backbone.registry import LastLevelP6P7FromC5, backbone_kwargs_from_cfg
+    from .modeling.backbone.registry import LastLevelP6P7FromC5, backbone_kwargs_from_cfg, create_backbone
 
-    model_cls, kwargs = backbone_kwargs_from_cfg(cfg, len(cfg.MODEL.PIXEL_MEAN))
-    bottom_up = L(model_cls)(**kwargs)
+    _, kwargs = backbone_kwargs_from_cfg(cfg, len(cfg.MODEL.PIXEL_MEAN))
+    # create_backbone, not the class: it also applies the run-time switches, which are no constructor arguments
+    bottom_up = L(create_backbone)(name=cfg.MODEL.PVT_D2.ARCH, **kwargs,
+                                   act_checkpoint=cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT,
+                                   fast_inference=cfg.MODEL.PVT_D2.FAST_INFERENCE)
     name = cfg.MODEL.BACKBONE.NAME
     if name == "build_pvt_d2_backbone":
         return bottom_up

@@ -33,10 +33,33 @@ def test_lazy_file_loads_with_detectron2_sections():
     cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "retinanet_pvt_v2_b0.py"))
     assert {"model", "dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg.keys())
     assert cfg.model._target_ is RetinaNet and cfg.model.backbone._target_ is FPN
-    assert cfg.model.backbone.bottom_up._target_.__name__ == "PyramidVisionTransformerV2"
+    bottom_up = cfg.model.backbone.bottom_up
+    assert bottom_up._target_.__name__ == "create_backbone" and bottom_up.name == "pvt_v2_b0"
+    assert (bottom_up.act_checkpoint, bottom_up.fast_inference) == (False, True)  # the YAML keys' defaults
     assert cfg.dataloader.train.dataset.names == ["coco_2017_train"]
     assert cfg.optimizer.params.model is None  # set by the training script, as in detectron2
     assert cfg.train.max_iter > 0 and cfg.train.output_dir.endswith("retinanet_1x_pvt_v2_b0")
+
+
+def test_lazy_backbone_takes_the_run_time_switches():
+    """MODEL.PVT_D2.ACTIVATION_CHECKPOINT / FAST_INFERENCE reach the LazyConfig backbone as fields."""
+    from detectron2.config import instantiate
+
+    from pvt_d2.lazy import lazy_model
+    from pvt_d2.modeling.backbone.layers import Linear
+    from pvt_d2.modeling.backbone.pvt_v2 import PyramidVisionTransformerV2
+
+    cfg = tiny_train_cfg("retinanet_pvt_v2_b0.yaml", "/tmp/unused", [
+        "MODEL.PVT_D2.PRETRAINED", "", "MODEL.PVT_D2.ACTIVATION_CHECKPOINT", "True",
+        "MODEL.PVT_D2.FAST_INFERENCE", "False"])
+    lazy = lazy_model(cfg)
+    built = instantiate(lazy.backbone.bottom_up)
+    assert isinstance(built, PyramidVisionTransformerV2)
+    assert built.act_checkpoint and all(b.act_checkpoint for b in built.modules() if hasattr(type(b), "act_checkpoint"))
+    linears = [m for m in built.modules() if isinstance(m, Linear)]
+    assert linears and not any(m.fast_inference for m in linears)
+    lazy.backbone.bottom_up.fast_inference = True  # an override on the command line does the same
+    assert all(m.fast_inference for m in instantiate(lazy.backbone.bottom_up).modules() if isinstance(m, Linear))
 
 
 def _compare(config, tmp_path):
