@@ -447,3 +447,42 @@ def test_model_zoo_md_lists_every_config():
             if m:
                 listed.add(m.group("name"))
     assert listed == {e["name"] for e in model_zoo.list_configs()}
+
+
+# --------------------------------------------------------------------------- comparison with timm
+
+
+def test_benchmark_timm_table_ratios():
+    from tools.benchmark_timm import markdown_table, paired_ratio
+
+    results = {("pvt_v2_b2", "224"): {"ours": [0.6, 0.9, 0.5], "timm": [1.0, 1.0, 0.5],
+                                      "ours_cpu": [1.2, 1.8, 1.0], "timm_cpu": [2.0, 2.0, 1.0]},
+               ("pvt_tiny", "800x1344"): {"ours": [2.0], "timm": [], "ours_cpu": [4.0], "timm_cpu": []}}
+    assert paired_ratio([0.6, 0.9, 0.5], [1.0, 1.0, 0.5]) == pytest.approx(0.9)  # rounds 0.6, 0.9, 1.0
+    lines = markdown_table(results, baseline=False, cpu_time=True).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    # medians 600 / 1000 ms: ratio 0.60; rounds' ratios 0.6, 0.9, 1.0: paired 0.90; CPU 1200 / 2000
+    assert cells == ["pvt_v2_b2", "224x224 (8)", "600.0", "1000.0", "0.60", "0.90", "1200.0", "2000.0", "0.60"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]][3:6] == ["n/a", "n/a", "n/a"]
+
+
+def test_benchmark_timm_bad_arguments_are_one_error():
+    from tools import benchmark_timm
+
+    assert benchmark_timm.main(["--rounds", "0"]) == 2
+    assert benchmark_timm.main(["--baseline-root", "/nonexistent/checkout"]) == 2
+
+
+@pytest.mark.slow
+def test_benchmark_timm_runs_both_sides(tmp_path, capsys):
+    from tools import benchmark_timm
+
+    out = tmp_path / "bt.json"
+    assert benchmark_timm.main(["--variants", "levit_256", "--sizes", "224", "--rounds", "1", "--iters", "1",
+                                "--warmup", "0", "--json", str(out)]) == 0
+    (entry,) = json.loads(out.read_text())
+    assert (entry["variant"], entry["size"]) == ("levit_256", "224")
+    assert len(entry["ours"]) == len(entry["timm"]) == 1 and entry["ours"][0] > 0 and entry["timm"][0] > 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| levit_256")]
+    assert len(row) == 1 and f"{entry['ours'][0] / entry['timm'][0]:.2f}" in row[0]

@@ -12,7 +12,9 @@ script), so one model's allocator state, thread pools and caches never affect
 the other's. A round measures every (variant, size) pair once for pvt_d2 and
 once for timm, alternating which goes first from one round to the next; the
 table reports, per pair, the median over rounds of each process's median
-forward time and their ratio (ours / timm, below 1 means pvt_d2 is faster).
+forward time and their ratio (ours / timm, below 1 means pvt_d2 is faster),
+and "paired", the median of the per-round ratios (the two measurements of
+a round run back to back, so this ratio cancels the machine's slow drift).
 With ``--baseline-root`` a third implementation, pvt_d2 imported from another
 checkout (e.g. the commit before a change), is timed in the same rounds, so
 before/after numbers come from the same interleaved run.
@@ -129,9 +131,23 @@ def compare(args) -> Dict[Tuple[str, str], Dict[str, List[float]]]:
     return results
 
 
+def paired_ratio(ours: List[float], ref: List[float]) -> float:
+    """Median over rounds of each round's ratio ``ours / ref``.
+
+    The two measurements of a round run back to back, so a machine that
+    slows down for a while moves both: the per-round ratio cancels that
+    drift, which the ratio of the two overall medians does not.
+    """
+    return statistics.median(o / r for o, r in zip(ours, ref))
+
+
 def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
-    """The README table: medians (ms per forward) and ratios; CPU-time columns with ``cpu_time``."""
-    head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm |"
+    """The README table: medians (ms per forward) and ratios; CPU-time columns with ``cpu_time``.
+
+    "ratio" is the ratio of the two medians, "paired" the median of the
+    per-round ratios (:func:`paired_ratio`).
+    """
+    head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm | paired |"
     if baseline:
         head += " before ms | before / timm | pvt_d2 / before |"
     if cpu_time:
@@ -146,7 +162,12 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
             ours = statistics.median(times["ours" + suffix])
             ref = statistics.median(times["timm" + suffix]) if times["timm" + suffix] else None
             line += f" {ours * 1e3:.1f} | "
-            line += "n/a | n/a |" if ref is None else f"{ref * 1e3:.1f} | {ours / ref:.2f} |"
+            if ref is None:
+                line += "n/a | n/a |" + (" n/a |" if not suffix else "")
+            else:
+                line += f"{ref * 1e3:.1f} | {ours / ref:.2f} |"
+                if not suffix:
+                    line += f" {paired_ratio(times['ours'], times['timm']):.2f} |"
             if baseline:
                 before = statistics.median(times["before" + suffix])
                 line += f" {before * 1e3:.1f} | " + ("n/a" if ref is None else f"{before / ref:.2f}")
@@ -190,7 +211,8 @@ def main(argv=None) -> int:
 
     results = compare(args)
     print(f"CPU fp32 eager, {args.threads} threads, torch {torch.__version__}; median over {args.rounds} "
-          f"interleaved rounds of each process's median of {args.iters} forwards (ms per forward)\n")
+          f"interleaved rounds of each process's median of {args.iters} forwards (ms per forward); "
+          f"paired: median of the rounds' ratios\n")
     print(markdown_table(results, bool(args.baseline_root), args.cpu_time))
     if args.json:
         with open(args.json, "w") as f:
