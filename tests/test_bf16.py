@@ -87,7 +87,7 @@ def test_benchmark_backbone_amp_bf16(capsys):
                                     "--warmup", "0", "--opts", "MODEL.PVT_D2.PRETRAINED", ""], capsys)
     assert rc == 0
     if NATIVE_BF16:
-        assert "backbone [bfloat16 autocast]:" in out
+        assert re.search(r"^backbone: [\d.]+ ms/iter.*\[cpu, bfloat16 autocast, batch 1, 64x48\]$", out, re.M)
     else:
         assert "WARNING: --amp bf16" in err and "backbone:" in out
 
@@ -98,7 +98,7 @@ def test_benchmark_amp_falls_back_with_warning(capsys, no_native_bf16):
                                     "--warmup", "0", "--opts", "MODEL.PVT_D2.PRETRAINED", ""], capsys)
     assert rc == 0
     assert "WARNING: --amp bf16: this CPU has no native bfloat16" in err
-    assert re.search(r"^backbone: [\d.]+ ms/iter", out, re.M)
+    assert re.search(r"^backbone: [\d.]+ ms/iter.*\[cpu, float32, batch 1, 64x48\]$", out, re.M)
 
 
 @pytest.mark.slow

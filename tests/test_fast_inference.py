@@ -83,3 +83,28 @@ def test_levit_stem_runs_channels_last_only_where_autograd_records_nothing():
     assert seen == [True, False, False]
     for k in ref:  # the outputs are plain NCHW tensors either way
         assert fast[k].is_contiguous() and (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k
+
+
+@pytest.mark.parametrize("name", ["twins_pcpvt_small", "twins_svt_small", "pvt_tiny"])
+def test_one_image_convs_read_the_channels_last_view_only_in_fast_inference(name):
+    """PEG / sub-sampling convs of one image: the tokens' channels-last view (fast) or timm's NCHW copy."""
+    torch.manual_seed(0)
+    model = create_backbone(name, out_features=["res2", "res3"])
+    convs = [m.sr for m in model.modules() if isinstance(m, layers.SpatialReductionAttention) and m.sr_ratio > 1]
+    convs += [m.proj[0] for m in model.modules() if type(m).__name__ == "PositionEncodingGenerator"]
+    assert convs
+    seen = []
+    handles = [c.register_forward_pre_hook(lambda m, args: seen.append(not args[0].is_contiguous())) for c in convs]
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    try:
+        with torch.no_grad():
+            fast = model.eval()(x)
+            n = len(seen)
+            ref = model.set_fast_inference(False)(x)
+        model.set_fast_inference(True).train()(x)  # autograd records: the reference layout
+    finally:
+        for h in handles:
+            h.remove()
+    assert n > 0 and all(seen[:n]) and not any(seen[n:])
+    for k in ref:
+        assert fast[k].is_contiguous() and (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k

@@ -132,7 +132,9 @@ class PyramidBackbone(Backbone):
         once, with a following GELU / hardswish applied inside it
         (:class:`~.layers.Linear`); LeViT folds its fixed BatchNorms into the
         projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`)
-        and runs its conv stem channels-last. Off: every linear is
+        and runs its conv stem channels-last; the spatial-reduction and PEG
+        convs of a one-image batch read the tokens' channels-last view instead
+        of an NCHW copy (:func:`~.layers.conv_input`). Off: every linear is
         ``nn.Linear``'s ``addmm`` and every BatchNorm runs on its own, the
         kernels of timm's models, which the outputs then equal bit for bit
         where the two compute in the same order. Layers being trained,

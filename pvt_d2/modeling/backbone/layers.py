@@ -182,17 +182,26 @@ def contiguous_nchw(x: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, h, w)
 
 
-def conv_input(x: torch.Tensor) -> torch.Tensor:
+def conv_input(x: torch.Tensor, keep_view: bool = False) -> torch.Tensor:
     """A token map (the channels-last view of :func:`tokens_to_map`) laid out as a convolution uses it.
 
     The reference implementations pass that view straight to their convs.
-    ATen then convolves in channels-last, except for a one-image batch, which
-    its memory-format rule classifies as NCHW and copies element by element
-    before the conv: that copy is made here by :func:`contiguous_nchw`
-    (faster, same values). Either way the conv sums exactly as in the
-    reference (``tests/test_twins.py`` checks it against timm bit for bit).
+    ATen then convolves in channels-last, except for a one-image batch of
+    their token layout, which it convolves in NCHW after an element-wise
+    copy: that copy is made here by :func:`contiguous_nchw` (faster, same
+    values). Either way the conv sums exactly as in the reference
+    (``tests/test_twins.py`` checks it against timm bit for bit).
+
+    Args:
+        x: the channels-last view.
+        keep_view: return ``x`` for one image too (the fast inference
+            kernels, see :meth:`~.base.PyramidBackbone.set_fast_inference`):
+            the conv then runs channels-last with a channels-last output,
+            which :func:`map_to_tokens` reads without a copy (at 800x1344 the
+            stage-1 PEG of Twins: copy + NCHW depthwise conv + copy back
+            ~50 ms -> ~3 ms), summing in another order (~1e-6 relative).
     """
-    return contiguous_nchw(x) if x.shape[0] == 1 else x
+    return contiguous_nchw(x) if x.shape[0] == 1 and not keep_view else x
 
 
 def crop_to(x: torch.Tensor, hw: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
@@ -299,6 +308,10 @@ class SpatialReductionAttention(nn.Module):
         pool_size: output side of the pooling in linear mode.
     """
 
+    #: Inference convolves one image's map in its channels-last layout (:func:`conv_input`); see
+    #: :meth:`~.base.PyramidBackbone.set_fast_inference`.
+    fast_inference = True
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, linear: bool = False, pool_size: int = 7):
         super().__init__()
@@ -334,7 +347,7 @@ class SpatialReductionAttention(nn.Module):
             y = self.pool(tokens_to_map(x, hw))
             return self.act(self.norm(map_to_tokens(self.sr(y))))
         if self.sr_ratio > 1:
-            y = conv_input(tokens_to_map(x, hw))
+            y = conv_input(tokens_to_map(x, hw), keep_view=self.fast_inference and inference_inplace(x))
             if torch.compiler.is_compiling():
                 # torch.export / compile: symbolic sizes; the program asserts at run
                 # time that the grid is not smaller than one reduction cell.

@@ -159,13 +159,17 @@ class PositionEncodingGenerator(nn.Module):
         dim: channels of the tokens.
     """
 
+    #: Inference convolves one image's map in its channels-last layout (:func:`~.layers.conv_input`); see
+    #: :meth:`~.base.PyramidBackbone.set_fast_inference`.
+    fast_inference = True
+
     def __init__(self, dim: int):
         super().__init__()
         # A one-element Sequential keeps the reference key names (proj.0.*).
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        feat = conv_input(tokens_to_map(x, hw))
+        feat = conv_input(tokens_to_map(x, hw), keep_view=self.fast_inference and inference_inplace(x))
         return map_to_tokens(self.proj(feat) + feat)
 
 
