@@ -45,11 +45,11 @@ import torch
 import pvt_d2.modeling  # noqa: F401
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.utils.precision import AMP_CHOICES, AutocastBackbone, resolve_amp
+from pvt_d2.checkpoint import bottom_up_backbone
 from pvt_d2.utils.analysis import (
     build_backbone,
     build_detector,
     detector_inputs,
-    find_pyramid_backbone,
     parse_size,
     random_images,
     run_benchmark,
@@ -76,7 +76,7 @@ def train_memory(cfg, device: str, height: int, width: int, batch_size: int) -> 
     from pvt_d2.utils.analysis import PeakMemory
 
     model = build_detector(cfg, device).train()
-    backbone = find_pyramid_backbone(model)
+    backbone = bottom_up_backbone(model)
     inputs = detector_inputs(batch_size, height, width, device)
     for d in inputs:
         inst = Instances((height, width))
@@ -190,7 +190,7 @@ def benchmark(cfg, what, device: str, amp_dtype, height: int, width: int, batch_
             from detectron2.checkpoint import DetectionCheckpointer
 
             DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-        backbone = find_pyramid_backbone(model)
+        backbone = bottom_up_backbone(model)
         if amp_dtype is not None:
             model.backbone = AutocastBackbone(model.backbone, amp_dtype)
     else:

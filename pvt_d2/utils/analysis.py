@@ -36,7 +36,6 @@ from ..checkpoint import bottom_up_backbone
 __all__ = [
     "parse_size",
     "count_parameters",
-    "find_pyramid_backbone",
     "build_backbone",
     "build_detector",
     "detector_parameter_counts",
@@ -48,11 +47,8 @@ __all__ = [
     "BenchmarkResult",
     "run_benchmark",
     "autocast",
+    "autocast_dtype",
 ]
-
-# Old name, until tools/benchmark.py and tools/export_model.py import bottom_up_backbone.
-find_pyramid_backbone = bottom_up_backbone
-
 
 def parse_size(text) -> Tuple[int, int]:
     """``"1333x800"`` (width x height) or ``"512"`` (square) -> ``(height, width)``.
