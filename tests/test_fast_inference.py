@@ -108,3 +108,31 @@ def test_one_image_convs_read_the_channels_last_view_only_in_fast_inference(name
     assert n > 0 and all(seen[:n]) and not any(seen[n:])
     for k in ref:
         assert fast[k].is_contiguous() and (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k
+
+
+def test_gcvit_stem_runs_image_by_image_only_in_fast_inference_of_a_batch():
+    torch.manual_seed(0)
+    model = create_backbone("gcvit_xxtiny", out_features=["res2", "res3"])
+    x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    batches = []
+    handle = model.stem.conv1.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            fast = model.eval()(x)
+            ref = model.set_fast_inference(False)(x)
+            model.set_fast_inference(True)(x[:1])  # one image: nothing to split
+        model.train()(x)  # autograd records: the whole batch at once
+    finally:
+        handle.remove()
+    assert batches == [1, 1, 1, 3, 1, 3]
+    for k in ref:
+        assert fast[k].shape == ref[k].shape == (3,) + tuple(ref[k].shape[1:])
+        assert (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k
+
+
+def test_image_by_image_concatenates_in_order_and_keeps_the_memory_format():
+    x = torch.randn(4, 2, 5, 6).contiguous(memory_format=torch.channels_last)
+    out = layers.image_by_image(lambda img: img * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + img.sum(), x)
+    expected = torch.cat([x[i:i + 1] * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + x[i].sum() for i in range(4)])
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)

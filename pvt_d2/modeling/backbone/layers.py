@@ -24,7 +24,7 @@ model (:func:`is_tracing`): zero-width pads and same-size resizes are exact
 no-ops, and the recorded graph then follows the input size instead of baking
 in the branch taken at the example size.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "conv_input",
     "resize_pos_embed",
     "attention_chunks",
+    "image_by_image",
     "bf16_attention",
     "is_cpu_bf16_inference",
     "LayerNorm2d",
@@ -660,6 +661,27 @@ def attention_chunks(batch: int, windows: int, per_window: int,
         return [(slice(i, i + step), slice(None)) for i in range(0, batch, step)]
     step = _even_step(windows, max(1, budget // per_window))
     return [(slice(i, i + 1), slice(w, w + step)) for i in range(batch) for w in range(0, windows, step)]
+
+
+def image_by_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` computed one image of the batch at a time, the results concatenated.
+
+    For full-resolution convolutional layers in inference: a batch's maps
+    there outgrow the caches and are fresh memory on every call (allocations
+    of tens of MB, which the C allocator returns to the OS when freed, so
+    each is page-faulted in again), while one image's maps stay in cache
+    between the convolution and the element-wise steps and are reused from
+    the allocator's free memory. The function is the same; convolutions may
+    sum in another order for a batch of one (float32 rounding).
+
+    Args:
+        fn: a batch-independent map of ``(B, ...)`` tensors.
+        x: the batch.
+
+    Returns:
+        ``fn(x)`` (the memory format of ``fn``'s output is kept).
+    """
+    return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
 
 
 #: Attention scores per chunk of :func:`bf16_attention` (elements; 2 MB in bfloat16).
