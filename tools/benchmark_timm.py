@@ -14,8 +14,9 @@ once for timm, alternating which goes first from one round to the next; the
 table reports, per pair, the median over rounds of each process's median
 forward time and their ratio (ours / timm, below 1 means pvt_d2 is faster),
 and "paired", the median of the per-round ratios (the two measurements of
-a round run back to back, so this ratio cancels the machine's slow drift).
-With ``--baseline-root`` a third implementation, pvt_d2 imported from another
+a round run back to back, so this ratio cancels the machine's slow drift),
+and "rounds", the per-round ratios themselves (their spread shows how noisy
+the machine was). With ``--baseline-root`` a third implementation, pvt_d2 imported from another
 checkout (e.g. the commit before a change), is timed in the same rounds, so
 before/after numbers come from the same interleaved run.
 
@@ -145,9 +146,10 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
     """The README table: medians (ms per forward) and ratios; CPU-time columns with ``cpu_time``.
 
     "ratio" is the ratio of the two medians, "paired" the median of the
-    per-round ratios (:func:`paired_ratio`).
+    per-round ratios (:func:`paired_ratio`), "rounds" those ratios in round
+    order (their spread is the machine's noise).
     """
-    head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm | paired |"
+    head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm | paired | rounds |"
     if baseline:
         head += " before ms | before / timm | pvt_d2 / before |"
     if cpu_time:
@@ -163,11 +165,12 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
             ref = statistics.median(times["timm" + suffix]) if times["timm" + suffix] else None
             line += f" {ours * 1e3:.1f} | "
             if ref is None:
-                line += "n/a | n/a |" + (" n/a |" if not suffix else "")
+                line += "n/a | n/a |" + (" n/a | n/a |" if not suffix else "")
             else:
                 line += f"{ref * 1e3:.1f} | {ours / ref:.2f} |"
                 if not suffix:
-                    line += f" {paired_ratio(times['ours'], times['timm']):.2f} |"
+                    rounds = " ".join(f"{o / r:.2f}" for o, r in zip(times["ours"], times["timm"]))
+                    line += f" {paired_ratio(times['ours'], times['timm']):.2f} | {rounds} |"
             if baseline:
                 before = statistics.median(times["before" + suffix])
                 line += f" {before * 1e3:.1f} | " + ("n/a" if ref is None else f"{before / ref:.2f}")
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
     results = compare(args)
     print(f"CPU fp32 eager, {args.threads} threads, torch {torch.__version__}; median over {args.rounds} "
           f"interleaved rounds of each process's median of {args.iters} forwards (ms per forward); "
-          f"paired: median of the rounds' ratios\n")
+          f"paired: median of the rounds' ratios (rounds: each round's ratio)\n")
     print(markdown_table(results, bool(args.baseline_root), args.cpu_time))
     if args.json:
         with open(args.json, "w") as f:
