@@ -136,3 +136,25 @@ def test_image_by_image_concatenates_in_order_and_keeps_the_memory_format():
     expected = torch.cat([x[i:i + 1] * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + x[i].sum() for i in range(4)])
     assert torch.equal(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["twins_pcpvt_small", "twins_svt_small"])
+def test_twins_patch_embeddings_read_the_channels_last_view_only_in_fast_inference(name):
+    """Stages 2-4 of Twins: the previous stage's channels-last view (fast) or the reference's NCHW copy."""
+    torch.manual_seed(0)
+    model = create_backbone(name)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    seen = []
+    handles = [pe.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+               for pe in model.patch_embeds[1:]]
+    try:
+        with torch.no_grad():
+            fast = model.eval()(x)
+            ref = model.set_fast_inference(False)(x)
+        model.set_fast_inference(True).train()(x)  # autograd records: the reference layout
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [False] * 3 + [True] * 6
+    for k in ref:
+        assert (fast[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k

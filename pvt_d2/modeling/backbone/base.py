@@ -134,7 +134,8 @@ class PyramidBackbone(Backbone):
         projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`)
         and runs its conv stem channels-last; the spatial-reduction and PEG
         convs of a one-image batch read the tokens' channels-last view instead
-        of an NCHW copy (:func:`~.layers.conv_input`); GC ViT's stem runs a
+        of an NCHW copy (:func:`~.layers.conv_input`), as do Twins' patch
+        embeddings for any batch (:class:`~.layers.PatchEmbed`); GC ViT's stem runs a
         batch one image at a time (:func:`~.layers.image_by_image`). Off: every linear is
         ``nn.Linear``'s ``addmm`` and every BatchNorm runs on its own, the
         kernels of timm's models, which the outputs then equal bit for bit

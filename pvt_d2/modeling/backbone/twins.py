@@ -253,7 +253,7 @@ class Twins(PyramidBackbone):
         self.patch_embeds = nn.ModuleList()
         prev_dim = in_chans
         for i, dim in enumerate(embed_dims):
-            # The reference's NCHW patch convs keep the results bit-identical to it.
+            # The reference's NCHW patch convs keep the results bit-identical to it (fast inference aside).
             self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2, nchw_conv=True))
             prev_dim = dim
 
