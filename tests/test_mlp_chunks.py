@@ -175,6 +175,30 @@ def test_chunked_window_attention_bit_identical(monkeypatch, family, budget):
     assert graph.requires_grad and torch.equal(graph.detach(), whole)
 
 
+@pytest.mark.parametrize("family", ["gcvit", "twins"])
+def test_window_attention_releases_qkv_before_proj(family):
+    """In inference the 3x-token ``qkv`` output is freed before ``proj`` allocates (lower peak memory)."""
+    import weakref
+
+    from pvt_d2.modeling.backbone import gcvit, twins
+
+    torch.manual_seed(0)
+    if family == "gcvit":
+        attn = gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False).eval()
+        x = torch.randn(2, 4, 49, 32)
+        run = lambda: attn(x)  # noqa: E731
+    else:
+        attn = twins.LocallyGroupedAttention(32, 2, window_size=7).eval()
+        x = torch.randn(2, 14 * 14, 32)
+        run = lambda: attn(x, (14, 14))  # noqa: E731
+    seen = {}
+    attn.qkv.register_forward_hook(lambda m, i, out: seen.__setitem__("qkv", weakref.ref(out.untyped_storage())))
+    attn.proj.register_forward_pre_hook(lambda m, i: seen.__setitem__("alive", seen["qkv"]() is not None))
+    with torch.no_grad():
+        run()
+    assert seen["alive"] is False
+
+
 def test_contiguous_nchw_equals_contiguous():
     tokens = torch.randn(3, 5 * 7, 16)
     view = layers.tokens_to_map(tokens, (5, 7))  # channels-last view

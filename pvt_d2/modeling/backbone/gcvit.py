@@ -422,6 +422,17 @@ class GlobalContextAttention(nn.Module):
         Returns:
             ``(B, num_windows, N, C)``.
         """
+        return self.proj_drop(self.proj(self._attend_windows(x, q_global, key_padding)))
+
+    def _attend_windows(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
+                        key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        """The attention of :meth:`forward` before ``proj``, ``(B, num_windows, N, C)``.
+
+        A method of its own so that ``qkv``, the largest tensor of the block (3x
+        the tokens), is released when it returns, before ``proj`` allocates its
+        output: a lower peak of memory in inference, which the C allocator then
+        serves from memory it already holds.
+        """
         b, nw, n, c = x.shape
         heads, hd = self.num_heads, self.head_dim
         if self.use_global:
@@ -440,7 +451,7 @@ class GlobalContextAttention(nn.Module):
             for imgs, wins in attention_chunks(b, nw, heads * n * n):
                 out[imgs, wins] = self._attend(q[imgs, wins if q.shape[1] > 1 else slice(None)], k[imgs, wins],
                                                v[imgs, wins], bias, None if key_padding is None else key_padding[wins])
-        return self.proj_drop(self.proj(out.transpose(2, 3).reshape(b, nw, n, c)))
+        return out.transpose(2, 3).reshape(b, nw, n, c)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                 key_padding: Optional[torch.Tensor]) -> torch.Tensor:

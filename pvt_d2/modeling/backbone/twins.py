@@ -115,26 +115,37 @@ class LocallyGroupedAttention(nn.Module):
         """Attend inside windows of ``x`` (``(B, H*W, C)`` tokens on grid ``hw``)."""
         b, n, c = x.shape
         h, w = hw
-        ws, heads = self.window_size, self.num_heads
+        ws = self.window_size
         grid, _ = pad_to_multiple(x.view(b, h, w, c), ws, channels_last=True)
         padded_hw = (grid.shape[1], grid.shape[2])
         num_windows = (padded_hw[0] // ws) * (padded_hw[1] // ws)  # sizes spelled out for torch.export
         # (B, windows, ws*ws, C): the image and window axes stay apart, the batch
         # layout of the reference, so the attention products sum identically.
-        windows = window_partition(grid, ws).reshape(b, num_windows, ws * ws, c)
-        qkv = self.qkv(windows).reshape(b, num_windows, ws * ws, 3, heads, c // heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
-        if not inference_inplace(x):
-            out = self._attention(q, k, v)
-        else:  # a few images or windows at a time: their attention weights stay in cache (bit-identical)
-            # written head-major into token-major memory: the transpose below is then a view
-            out = x.new_empty(b, num_windows, ws * ws, heads, c // heads).transpose(2, 3)
-            for imgs, wins in attention_chunks(b, num_windows, heads * ws ** 4):
-                out[imgs, wins] = self._attention(q[imgs, wins], k[imgs, wins], v[imgs, wins])
-        out = out.transpose(2, 3).reshape(b * num_windows, ws, ws, c)
-        out = crop_to(window_unpartition(out, ws, padded_hw, batch=b), hw, channels_last=True)
+        out = self._attend_windows(window_partition(grid, ws).reshape(b, num_windows, ws * ws, c))
+        out = crop_to(window_unpartition(out.view(b * num_windows, ws, ws, c), ws, padded_hw, batch=b), hw,
+                      channels_last=True)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
+    def _attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """Attention (before ``proj``) of ``(B, windows, ws*ws, C)`` windows, same shape out.
+
+        A method of its own so that ``qkv``, the largest tensor of the block (3x
+        the tokens), is released when it returns, before the window merge and
+        ``proj`` allocate theirs: a lower peak of memory in inference, which
+        the C allocator then serves from memory it already holds.
+        """
+        b, num_windows, n, c = windows.shape
+        heads = self.num_heads
+        qkv = self.qkv(windows).reshape(b, num_windows, n, 3, heads, c // heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
+        if not inference_inplace(windows):
+            return self._attention(q, k, v).transpose(2, 3).reshape(b, num_windows, n, c)
+        # a few images or windows at a time: their attention weights stay in cache (bit-identical),
+        # written head-major into token-major memory (the transpose back is a view)
+        out = windows.new_empty(b, num_windows, n, heads, c // heads).transpose(2, 3)
+        for imgs, wins in attention_chunks(b, num_windows, heads * n * n):
+            out[imgs, wins] = self._attention(q[imgs, wins], k[imgs, wins], v[imgs, wins])
+        return out.transpose(2, 3).view(b, num_windows, n, c)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention over the last two axes of 5-d inputs.
