@@ -218,6 +218,22 @@ def test_cli_writes_report_and_refuses_bad_input(tmp_path, capsys):
     assert rc == 0, err
 
 
+@pytest.mark.slow
+def test_tool_script_bad_input_exit_status(tmp_path):
+    """The script as a user runs it: an annotation file given as results -> exit 2, one ERROR line, last."""
+    import subprocess
+    import sys
+
+    ann, images, _ = _write_case(str(tmp_path))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "tools", "eval_report.py"), ann, "--dataset",
+                           _spec(ann, images)], capture_output=True, text=True, env=env, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert proc.returncode == 2 and len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert "annotation file" in errors[0] and not os.path.exists(os.path.join(str(tmp_path), "report"))
+
+
 def test_cli_dataset_from_the_run_config(tmp_path, capsys):
     ann, images, run = _write_case(str(tmp_path))
     with open(os.path.join(run, "config.yaml"), "w") as f:

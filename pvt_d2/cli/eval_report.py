@@ -140,21 +140,21 @@ def resolve_dataset(arg: Optional[str], run: str, results: str) -> str:
 
 def load_dataset(name: str):
     """``(COCO ground truth, image folder, json path or None)`` of a registered dataset."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import MetadataCatalog
 
+    from pvt_d2.data import DatasetError
     from pvt_d2.evaluation.report import ReportInputError, coco_from_dict, load_ground_truth
 
     meta = MetadataCatalog.get(name)
     json_file = meta.get("json_file", None)
     try:
         if json_file:
-            DatasetCatalog.get(name)  # fills the metadata (and generates the synthetic set) as training does
             gt = load_ground_truth(json_file)
         else:
             from detectron2.data.datasets.coco import convert_to_coco_dict
 
             gt = coco_from_dict(convert_to_coco_dict(name))
-    except ReportInputError as e:
+    except (ReportInputError, DatasetError) as e:
         raise InputError(str(e)) from None
     image_root = meta.get("image_root", None) or (os.path.dirname(json_file) if json_file else "")
     return gt, image_root, json_file
@@ -200,10 +200,10 @@ def _analyze(results_json: str, gt, name: str, args):
 
     try:
         results = load_results(results_json, gt, name)
+        return analyze(gt, results, name, iou_types=args.types, score_thr=args.score_thr, iou_thr=args.iou_thr,
+                       progress=not args.no_progress)
     except ReportInputError as e:
         raise InputError(str(e)) from None
-    return analyze(gt, results, name, iou_types=args.types, score_thr=args.score_thr, iou_thr=args.iou_thr,
-                   progress=not args.no_progress)
 
 
 def _run(args) -> int:

@@ -36,7 +36,7 @@ table.sortable th{cursor:pointer} table.sortable th:after{content:' \\2195';colo
 .grid{display:flex;flex-wrap:wrap;gap:10px} .grid figure{margin:0}
 figcaption{font-size:13px;color:#444;max-width:700px}
 img{max-width:100%} .legend span{display:inline-block;padding:1px 8px;margin-right:6px;color:#fff;border-radius:3px}
-details{margin:.5em 0} summary{cursor:pointer;font-weight:600}
+details{margin:.5em 0} .wide{overflow-x:auto} summary{cursor:pointer;font-weight:600}
 """
 
 _JS = """
@@ -88,7 +88,8 @@ def _delta(a: float, b: float) -> str:
 def _table(headers: Sequence[str], rows: List[str], sortable: bool = True) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     cls = ' class="sortable"' if sortable else ""
-    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f'<div class="wide"><table{cls}><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f"</div>")
 
 
 def _page(title: str, body: str) -> str:
@@ -214,14 +215,19 @@ def draw_image_panels(image_path: str, meta: Dict, panels: List[Tuple[str, Image
 
 
 # -------------------------------------------------------------------------------------------- sections
-def _legend() -> str:
+def _legend(compare: bool = False) -> str:
     def span(state, text):
         b, g, r = COLORS[state]
         return f'<span style="background:rgb({r},{g},{b})">{_e(text)}</span>'
 
-    return ('<p class="legend">' + span("tp", "matched") + span("fp", "false detection / missed-by-the-other")
-            + span("cls", "class confusion") + span("fn", "missed object") + span("ign", "crowd / ignored")
-            + "</p>")
+    if compare:
+        return ('<p class="legend">detections: ' + span("tp", "matched") + span("fp", "false")
+                + span("cls", "class confusion") + "; ground truth: " + span("tp", "found by both")
+                + span("cls", "found by A only") + span("fn", "found by B only") + span("fp", "missed by both")
+                + span("ign", "crowd / ignored") + "</p>")
+    return ('<p class="legend">' + span("tp", "matched") + span("fp", "false detection")
+            + span("cls", "class confusion (detection or object)") + span("fn", "missed object")
+            + span("ign", "crowd / ignored") + "</p>")
 
 
 def _summary_section(a: Analysis) -> str:
@@ -330,11 +336,12 @@ def _confusion_table(cm: np.ndarray, labels: Sequence[str]) -> str:
             alpha = v / total if i < len(labels) - 1 else min(1.0, v / max(1, int(cm[:, j].sum())))
             color = "40,140,40" if i == j else "200,40,40"
             cells.append(f'<td data-v="{v}" style="background:rgba({color},{alpha:.2f})">{v}</td>')
-        rows.append(f"<tr><th>{_e(lab)}</th>{''.join(cells)}<td>{int(cm[i].sum())}</td></tr>")
+        total_cell = f"<td>{int(cm[i].sum())}</td>" if i < len(labels) - 1 else "<td></td>"
+        rows.append(f"<tr><th>{_e(lab)}</th>{''.join(cells)}{total_cell}</tr>")
     head = "".join(f"<th>{_e(lab)}</th>" for lab in labels)
     totals = "".join(f"<td>{int(cm[:, j].sum())}</td>" for j in range(len(labels)))
-    return (f'<table><thead><tr><th>ground truth \\ prediction</th>{head}<th>objects</th></tr></thead>'
-            f"<tbody>{''.join(rows)}<tr><th>detections</th>{totals}<td></td></tr></tbody></table>")
+    return (f'<div class="wide"><table><thead><tr><th>ground truth \\ prediction</th>{head}<th>objects</th></tr>'
+            f"</thead><tbody>{''.join(rows)}<tr><th>detections</th>{totals}<td></td></tr></tbody></table></div>")
 
 
 def _confusion_section(a: Analysis, out: str, prefix: str) -> str:
@@ -514,7 +521,7 @@ def write_comparison(a: Analysis, b: Analysis, out: str, *, names_ab: Tuple[str,
     ranked = disagreements(a, b)[:num_images]
     parts.append('<h2 id="images">Images where they disagree most</h2><p class="meta">Ranked by the objects found '
                  'by only one of the two plus the difference in false detections. Ground truth colours: green '
-                 f'found by both, purple by A only, orange by B only, red by neither.</p>{_legend()}')
+                 f'found by both, purple by A only, orange by B only, red by neither.</p>{_legend(compare=True)}')
     if not ranked:
         parts.append("<p>none: both runs match the same objects and make as many false detections on every "
                      "image</p>")

@@ -151,7 +151,8 @@ def _detections(gt: COCO, results: Sequence[Dict], iou_type: str) -> COCO:
             ann["area"] = float(mask_util.area(r["segmentation"]))
             ann["bbox"] = [float(v) for v in mask_util.toBbox(r["segmentation"])]
         else:
-            x, y, w, h = (float(v) for v in r["bbox"])
+            box = r["bbox"] if "bbox" in r else mask_util.toBbox(r["segmentation"])
+            x, y, w, h = (float(v) for v in box)
             ann["bbox"] = [x, y, w, h]
             ann["area"] = w * h
         anns.append(ann)
@@ -514,6 +515,9 @@ def analyze(gt: COCO, results: Sequence[Dict], dataset: str = "", *, iou_types: 
     """
     if iou_types is None:
         iou_types = ["bbox"] + (["segm"] if _has_masks(gt, results) else [])
+    elif "segm" in iou_types and not _has_masks(gt, results):
+        raise ReportInputError("a mask evaluation (segm) needs masks ('segmentation') in every detection and in "
+                               "the ground truth")
     cat_ids = sorted(gt.getCatIds())
     classes = [gt.cats[c]["name"] for c in cat_ids]
     img_ids = sorted(gt.getImgIds())
