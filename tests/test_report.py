@@ -244,6 +244,18 @@ def test_cli_dataset_from_the_run_config(tmp_path, capsys):
     assert "bbox AP 33.5" in out
 
 
+def test_report_for_run_as_the_quickstart_calls_it(tmp_path, capsys):
+    from pvt_d2.cli.eval_report import report_for_run
+
+    ann, images, run = _write_case(str(tmp_path))
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(f"DATASETS:\n  CUSTOM: ['{_spec(ann, images)}']\n  TEST: ['tiny']\n")
+    assert report_for_run(run) == os.path.join(run, "report", "index.html")
+    assert report_for_run(run) == os.path.join(run, "report", "index.html")  # a second run replaces its own
+    assert report_for_run(str(tmp_path / "nothing")) is None
+    assert "warning: no evaluation report: " in capsys.readouterr().err
+
+
 def test_compare(tmp_path, capsys, dataset_root):
     ann, images, run_a = _write_case(str(tmp_path), name="run_a")
     # B finds car D and drops the background car: it disagrees with A on image 2 (D) and image 3 (one false less)

@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["main", "find_results", "resolve_dataset"]
+__all__ = ["main", "find_results", "resolve_dataset", "report_for_run"]
 
 RESULTS = "coco_instances_results.json"
 
@@ -256,6 +256,22 @@ def _run(args) -> int:
         print(f"{ld[0]}: {text}")
     print(f"report: {os.path.join(out, 'index.html')} ({time.time() - start:.1f} s)")
     return 0
+
+
+def report_for_run(run: str, progress: bool = False) -> Optional[str]:
+    """Write ``<run>/report`` for a finished run (the quickstart's last step); its ``index.html``, or None.
+
+    A run that cannot be reported (no results, a folder ``report`` of someone else's) prints one
+    ``warning:`` line instead of failing the caller.
+    """
+    out = os.path.join(run, "report")
+    argv = [run] + ([] if progress else ["--no-progress"])
+    try:
+        _run(build_parser().parse_args(argv))
+    except InputError as e:
+        print(f"warning: no evaluation report: {e}", file=sys.stderr)
+        return None
+    return os.path.join(out, "index.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
