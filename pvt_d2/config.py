@@ -15,7 +15,8 @@ from detectron2.config import CfgNode as CN
 
 from .modeling.backbone.base import DEFAULT_OUT_FEATURES
 
-__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "validate_config", "ConfigError"]
+__all__ = ["add_pvt_d2_config", "get_pvt_d2_cfg", "load_config", "resolve_config_file", "validate_config",
+           "ConfigError"]
 
 
 def add_pvt_d2_config(cfg: CN) -> CN:
@@ -99,6 +100,25 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names it."""
 
 
+def resolve_config_file(config_file: str) -> str:
+    """``config_file`` if it is a file, else the shipped config of that name (``configs/<name>.yaml`` or
+    ``<name>.yaml``, :mod:`pvt_d2.model_zoo`): a command written for a checkout works from any folder.
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    import os
+
+    from .model_zoo import get_config_file
+
+    if os.path.isfile(config_file):
+        return config_file
+    try:
+        return get_config_file(config_file)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {config_file}") from None
+
+
 def load_config(config_file: str, opts=None) -> CN:
     """Read a pvt_d2 YAML config (with its ``_BASE_`` chain) and apply overrides.
 
@@ -106,19 +126,19 @@ def load_config(config_file: str, opts=None) -> CN:
     tags is refused, never executed.
 
     Args:
-        config_file: path of the YAML file.
+        config_file: path of the YAML file; a name that is not a file here
+            (``retinanet_pvt_s.yaml``, ``configs/retinanet_pvt_s.yaml``) is
+            looked up among the shipped configs (:mod:`pvt_d2.model_zoo`).
         opts: ``["KEY", "VALUE", ...]`` overrides as on the command line.
 
     Raises:
         ConfigError: missing file, unsafe or malformed YAML, unknown key, a
             value of the wrong type or an unusable value (see :func:`validate_config`).
     """
-    import os
 
     import yaml
 
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"Config file not found: {config_file}")
+    config_file = resolve_config_file(config_file)
     cfg = get_pvt_d2_cfg()
     try:
         _check_base_chain(config_file)

@@ -34,7 +34,7 @@ __all__ = ["yaml_path", "lazy_detector", "lazy_model", "lazy_optimizer", "lazy_d
            "lazy_lr_multiplier", "setup_lazy_datasets", "check_lazy_datasets", "check_lazy_num_classes",
            "dataset_names"]
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from .model_zoo import CONFIG_ROOT as CONFIG_DIR
 
 
 def yaml_path(name: str) -> str:

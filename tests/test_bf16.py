@@ -74,7 +74,7 @@ def test_autocast_backbone_falls_back_to_float32(tmp_path, no_native_bf16, caplo
 
 
 def _benchmark_main(argv, capsys):
-    from tools import benchmark
+    from pvt_d2.cli import benchmark
 
     rc = benchmark.main(argv)
     captured = capsys.readouterr()
@@ -134,7 +134,7 @@ def test_benchmark_train_unknown_dataset_is_one_error_line(capsys):
 
 
 def test_train_net_amp_needs_eval_only(tmp_path, capsys):
-    from tools import train_net
+    from pvt_d2.cli import train_net
 
     rc = train_net.cli(["--config-file", "configs/quickstart_pvt_v2_b0.yaml", "--amp", "bf16",
                         "OUTPUT_DIR", str(tmp_path / "out")])

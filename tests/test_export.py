@@ -15,7 +15,7 @@ import torch
 
 from conftest import CONFIGS
 from pvt_d2.modeling.backbone import create_backbone
-from tools.export_model import (
+from pvt_d2.cli.export_model import (
     BackboneOutputs,
     ExportError,
     dynamic_min_size,
@@ -136,7 +136,7 @@ def test_mask_rcnn_trace_matches_eager_detections(tmp_path):
     from detectron2.modeling import build_model
 
     from pvt_d2.config import load_config
-    from tools.export_model import export_detector
+    from pvt_d2.cli.export_model import export_detector
 
     cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_v2_b0.yaml"), [
         "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",

@@ -123,7 +123,7 @@ def test_lazy_and_yaml_same_detector_every_family(config, tmp_path):
 
 
 def test_lazyconfig_train_net_errors_are_one_line(tmp_path, capsys):
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     broken = tmp_path / "broken.py"
     broken.write_text("raise RuntimeError('boom')\n")
@@ -160,8 +160,8 @@ def test_quickstart_twin_trains_like_the_yaml_quickstart(tmp_path):
     """tools/quickstart.py and its LazyConfig twin with the same seed: the same initial weights, the same
     images in the same order with the same augmentations, the same parameter groups and schedule."""
     from detectron2.config import instantiate
-    from tools import quickstart
-    from tools.lazyconfig_train_net import build_training, get_parser, setup
+    from pvt_d2.cli import quickstart
+    from pvt_d2.cli.lazyconfig_train_net import build_training, get_parser, setup
 
     from pvt_d2.engine import Trainer
 
@@ -215,7 +215,7 @@ def _error_lines(capsys):
 
 
 def test_quickstart_refuses_a_locked_output_dir(tmp_path, capsys):
-    from tools import quickstart
+    from pvt_d2.cli import quickstart
 
     _lock(tmp_path)
     assert quickstart.main(["OUTPUT_DIR", str(tmp_path)]) == 2
@@ -228,7 +228,7 @@ def test_quickstart_refuses_a_locked_output_dir(tmp_path, capsys):
 
 
 def test_lazyconfig_train_net_refuses_a_locked_or_used_output_dir(tmp_path, capsys):
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     _lock(tmp_path / "live")
     assert cli(["--config-file", QUICKSTART_LAZY, f"train.output_dir={tmp_path / 'live'}"]) == 2
@@ -265,7 +265,7 @@ USE_TREES = ["dataloader.train.dataset.names=[ltrees_train]", "dataloader.test.d
 @pytest.mark.parametrize("config", ["faster_rcnn_pvt_v2_b0.py", "retinanet_pvt_v2_b0.py",
                                     "cascade_mask_rcnn_pvt_v2_b0_3x.py"])
 def test_lazy_dataset_declarations_set_the_class_count(config, trees):
-    from tools.lazyconfig_train_net import get_parser, load_lazy_config
+    from pvt_d2.cli.lazyconfig_train_net import get_parser, load_lazy_config
 
     from pvt_d2.lazy import setup_lazy_datasets
 
@@ -286,7 +286,7 @@ def test_lazy_dataset_declarations_set_the_class_count(config, trees):
 
 
 def test_lazy_dataset_errors_are_one_line(trees, tmp_path, capsys):
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     faster = os.path.join(CONFIGS, "lazy", "faster_rcnn_pvt_v2_b0.py")
     out = f"train.output_dir={tmp_path / 'o'}"
@@ -323,7 +323,7 @@ def test_lazy_bad_annotation_file_is_one_error_line_before_training(eval_only, t
     """The annotation checks of tools/train_net.py (pvt_d2/data/validation.py) run on the training set (and,
     with --eval-only, on the test set): exit status 2, one ERROR line naming the file and the field, nothing
     written to train.output_dir."""
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     split = "val" if eval_only else "train"
     files = {"train": trees / "train.json", "val": trees / "val.json"}
@@ -357,7 +357,7 @@ def test_lazy_trains_and_evaluates_a_declared_coco_json(trees, tmp_path, capsys)
     import json
 
     from test_own_data import TINY
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     out = tmp_path / "out"
     config = tmp_path / "tiny_faster_rcnn.py"
@@ -376,7 +376,7 @@ def test_lazy_trains_and_evaluates_a_declared_coco_json(trees, tmp_path, capsys)
 def test_lazy_class_count_of_a_builtin_dataset_is_checked_before_training(eval_only, tmp_path, capsys):
     """A LazyConfig on built-in datasets (no --dataset to fit num_classes): a training set with more classes
     than the model, or an evaluation set with another count, is one ERROR line naming the field, exit 2."""
-    from tools.lazyconfig_train_net import cli
+    from pvt_d2.cli.lazyconfig_train_net import cli
 
     out = tmp_path / "o"
     argv = (["--eval-only"] if eval_only else []) + [

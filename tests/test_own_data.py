@@ -371,8 +371,8 @@ def test_readme_own_data_example_end_to_end(own_data, tmp_path):
 
 def test_cli_errors_are_one_line(own_data, tmp_path, capsys):
     """Bad declarations and box-only data with Mask R-CNN: one ERROR line, exit status 2, in every tool."""
-    from tools import demo, visualize_data, visualize_json_results
-    from tools.train_net import cli
+    from pvt_d2.cli import demo, visualize_data, visualize_json_results
+    from pvt_d2.cli.train_net import cli
 
     data = own_data / "trees"
     train, val = f"e_train={data}/train.json:{data}/images", f"e_val={data}/val.json:{data}/images"
@@ -407,7 +407,7 @@ def test_cli_errors_are_one_line(own_data, tmp_path, capsys):
 
 
 def test_visualize_data_draws_declared_voc(own_data, tmp_path):
-    from tools import visualize_data
+    from pvt_d2.cli import visualize_data
 
     out = tmp_path / "vis"
     assert visualize_data.main(["--config-file", os.path.join(CONFIGS, "faster_rcnn_pvt_v2_b0.yaml"),

@@ -38,7 +38,7 @@ from pvt_d2.config import load_config
 from pvt_d2.checkpoint.convert import arch_hparams, describe_backbone, match_arch
 from pvt_d2.modeling import create_backbone, get_arch, list_architectures
 from pvt_d2.modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
-from tools.convert_pretrained import main as convert_main
+from pvt_d2.cli.convert_pretrained import main as convert_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Keys an ImageNet file may carry that no backbone has (classifier, distillation head, index buffers).

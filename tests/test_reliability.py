@@ -764,7 +764,7 @@ def test_two_process_divergence_is_one_paragraph_not_a_hang(dataset_root, tmp_pa
 CLI_DRIVER = """
 import contextlib, io, json, sys, traceback
 sys.path.insert(0, sys.argv[1])
-from tools.train_net import cli
+from pvt_d2.cli.train_net import cli
 results = {}
 for name, argv in json.loads(sys.argv[2]).items():
     err = io.StringIO()

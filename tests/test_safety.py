@@ -137,8 +137,8 @@ def test_detectron2_model_zoo_pkl_loads_through_the_safe_reader(tmp_path):
 def test_marker_pickle_never_runs_in_checkpointer_demo_convert(tmp_path, capsys):
     """43. the marker pickle as .pkl / .pyth / legacy .pth: refused by the checkpointer, tools/demo.py and
     tools/convert_pretrained.py, each naming the file; the marker is never created."""
-    from tools import demo
-    from tools.convert_pretrained import main as convert_main
+    from pvt_d2.cli import demo
+    from pvt_d2.cli.convert_pretrained import main as convert_main
 
     from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError
 
@@ -164,7 +164,7 @@ def test_marker_pickle_never_runs_in_checkpointer_demo_convert(tmp_path, capsys)
 def test_quickstart_drawing_loads_weights_through_the_safe_reader(tmp_path):
     """43b. the quickstart draws with pvt_d2's Predictor (not detectron2's DefaultPredictor): the marker pickle as
     its MODEL.WEIGHTS is refused naming the file and never runs."""
-    from tools.quickstart import draw_validation_images
+    from pvt_d2.cli.quickstart import draw_validation_images
 
     from pvt_d2.checkpoint import CheckpointError
     from pvt_d2.config import load_config
@@ -198,7 +198,7 @@ def test_marker_pickle_never_runs_in_train_net(dataset_root, tmp_path):
 
 def test_strict_load_refuses_another_architecture_naming_both(tmp_path, capsys):
     """45. weights recorded for pvt_v2_b1 into a pvt_v2_b0 model (demo, --eval-only): refused naming both."""
-    from tools import demo
+    from pvt_d2.cli import demo
 
     from pvt_d2.checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
 
@@ -247,7 +247,7 @@ def test_pretrained_with_nan_is_refused_naming_the_tensor(tmp_path):
 def test_demo_never_writes_over_its_inputs(tmp_path, capsys):
     """47. demo --output equal to the input folder, inside it, or the input file: refused, photos unchanged;
     existing results are kept unless --overwrite."""
-    from tools import demo
+    from pvt_d2.cli import demo
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -279,7 +279,7 @@ def test_demo_never_writes_over_its_inputs(tmp_path, capsys):
 
 def test_convert_never_replaces_its_input_or_an_existing_output(tmp_path, capsys):
     """48. convert IN IN: refused, input unchanged; an existing output is kept unless --force."""
-    from tools.convert_pretrained import main as convert_main
+    from pvt_d2.cli.convert_pretrained import main as convert_main
 
     from pvt_d2.modeling import create_backbone
 
@@ -311,7 +311,7 @@ def _finished_run(folder):
 def test_new_run_refuses_the_folder_of_another_run(dataset_root, tmp_path, capsys):
     """49. train_net without --resume into a finished run's OUTPUT_DIR: refused, nothing changed;
     --resume and --overwrite are what the message offers."""
-    from tools import train_net
+    from pvt_d2.cli import train_net
 
     run = tmp_path / "run"
     before = _finished_run(run)
@@ -324,7 +324,7 @@ def test_new_run_refuses_the_folder_of_another_run(dataset_root, tmp_path, capsy
 
 def test_lock_stops_a_second_live_run_and_stale_locks_are_taken_over(tmp_path, capsys):
     """50. a live run's lock: a second run on its OUTPUT_DIR is refused; 51. a killed run's lock is taken over."""
-    from tools import train_net
+    from pvt_d2.cli import train_net
 
     from pvt_d2.engine.output_dir import LOCK_NAME, OutputDirError, OutputDirLock
 
@@ -390,7 +390,7 @@ def test_resume_that_cannot_continue_says_why(tmp_path):
 
 def test_eval_only_without_weights_is_refused(dataset_root, tmp_path, capsys):
     """55. --eval-only with MODEL.WEIGHTS empty: refused instead of evaluating a random model."""
-    from tools import train_net
+    from pvt_d2.cli import train_net
 
     rc = train_net.cli(["--config-file", RETINANET, "--eval-only", *TINY, "DATASETS.TEST", "('synthetic_val',)",
                         "OUTPUT_DIR", str(tmp_path)])

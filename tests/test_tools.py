@@ -64,7 +64,7 @@ def test_draw_instances_draws_only_above_threshold():
 
 
 def test_demo_images_video_and_bad_inputs(tmp_path, val_images, capsys):
-    from tools import demo
+    from pvt_d2.cli import demo
 
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"this is not a png")
@@ -98,7 +98,7 @@ def test_demo_images_video_and_bad_inputs(tmp_path, val_images, capsys):
 
 
 def test_demo_nothing_processed_is_an_error(tmp_path, capsys):
-    from tools import demo
+    from pvt_d2.cli import demo
 
     rc = demo.main(["--config-file", QUICKSTART, "--input", str(tmp_path / "a.png"), "--output",
                     str(tmp_path / "out"), "--opts", *TINY_OPTS])
@@ -107,7 +107,7 @@ def test_demo_nothing_processed_is_an_error(tmp_path, capsys):
 
 
 def test_demo_expand_inputs(tmp_path):
-    from tools.demo import expand_inputs
+    from pvt_d2.cli.demo import expand_inputs
 
     for name in ("b.png", "a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
@@ -139,7 +139,7 @@ def test_visualize_json_results_side_by_side(tmp_path, dataset_root):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from pvt_d2.data import prepare_datasets
-    from tools import visualize_json_results
+    from pvt_d2.cli import visualize_json_results
 
     prepare_datasets(["synthetic_val"])
     records = DatasetCatalog.get("synthetic_val")[:3]
@@ -165,7 +165,7 @@ def test_visualize_json_results_side_by_side(tmp_path, dataset_root):
 
 
 def test_visualize_json_results_unknown_dataset(tmp_path, capsys):
-    from tools import visualize_json_results
+    from pvt_d2.cli import visualize_json_results
 
     path = tmp_path / "results.json"
     path.write_text("[]")
@@ -177,7 +177,7 @@ def test_visualize_data_annotation_and_dataloader(tmp_path, dataset_root):
     from detectron2.data import DatasetCatalog
     from detectron2.data.transforms import ResizeShortestEdge
 
-    from tools import visualize_data
+    from pvt_d2.cli import visualize_data
 
     opts = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "DATALOADER.NUM_WORKERS", "0",
             "SOLVER.IMS_PER_BATCH", "2"]
@@ -234,7 +234,7 @@ def test_plot_metrics_writes_pngs(tmp_path):
 
 
 def test_plot_metrics_cli(tmp_path, capsys):
-    from tools import plot_metrics as tool
+    from pvt_d2.cli import plot_metrics as tool
 
     run = tmp_path / "run"
     run.mkdir()
@@ -313,7 +313,7 @@ def test_peak_memory_cpu_thread_samples_a_held_allocation():
 def test_analyze_model_numbers_come_from_the_model():
     from conftest import tiny_train_cfg
     from pvt_d2.utils.analysis import build_detector, count_parameters
-    from tools.analyze_model import analyze, format_report
+    from pvt_d2.cli.analyze_model import analyze, format_report
 
     cfg = tiny_train_cfg("mask_rcnn_pvt_v2_b0.yaml", "/tmp/unused", ["MODEL.BACKBONE.FREEZE_AT", "2"])
     result = analyze(cfg, ["parameter", "flop"], 64, 96)
@@ -328,7 +328,7 @@ def test_analyze_model_numbers_come_from_the_model():
 
 
 def test_benchmark_cli(tmp_path):
-    from tools import benchmark
+    from pvt_d2.cli import benchmark
 
     out = tmp_path / "bench.json"
     rc = benchmark.main(["--config-file", QUICKSTART, "--device", "cpu", "--size", "96x64", "--iters", "2",
@@ -453,7 +453,7 @@ def test_model_zoo_md_lists_every_config():
 
 
 def test_benchmark_timm_table_ratios():
-    from tools.benchmark_timm import markdown_table, paired_ratio
+    from pvt_d2.cli.benchmark_timm import markdown_table, paired_ratio
 
     results = {("pvt_v2_b2", "224"): {"ours": [0.6, 0.9, 0.5], "timm": [1.0, 1.0, 0.5],
                                       "ours_cpu": [1.2, 1.8, 1.0], "timm_cpu": [2.0, 2.0, 1.0]},
@@ -469,7 +469,7 @@ def test_benchmark_timm_table_ratios():
 
 
 def test_benchmark_timm_bad_arguments_are_one_error():
-    from tools import benchmark_timm
+    from pvt_d2.cli import benchmark_timm
 
     assert benchmark_timm.main(["--rounds", "0"]) == 2
     assert benchmark_timm.main(["--baseline-root", "/nonexistent/checkout"]) == 2
@@ -477,7 +477,7 @@ def test_benchmark_timm_bad_arguments_are_one_error():
 
 @pytest.mark.slow
 def test_benchmark_timm_runs_both_sides(tmp_path, capsys):
-    from tools import benchmark_timm
+    from pvt_d2.cli import benchmark_timm
 
     out = tmp_path / "bt.json"
     assert benchmark_timm.main(["--variants", "levit_256", "--sizes", "224", "--rounds", "1", "--iters", "1",

@@ -194,7 +194,7 @@ def prefetch_pretrained(cfg) -> None:
     launcher then stops the others). Nothing happens for a local path or ``""``.
     """
     url = cfg.MODEL.PVT_D2.PRETRAINED
-    if not is_url(url):
+    if not is_url(url) or cfg.MODEL.WEIGHTS:  # MODEL.WEIGHTS replaces them: the builder does not load them
         return
     from detectron2.utils import comm
 

@@ -1,1 +1,1 @@
-"""The command-line tools of pvt_d2 (each ``tools/X.py`` calls ``pvt_d2.cli.X.main``)."""
+"""Command-line programs of pvt_d2 (the ``pvt-d2-*`` commands); ``tools/*.py`` call them from a checkout."""

@@ -2,8 +2,9 @@
 
 On top of detectron2's ``DefaultTrainer`` it adds the AdamW recipe
 (:mod:`.optim`), COCO evaluators for box (and mask) models, atomic
-checkpoints (:mod:`.checkpoint`), the optional ImageNet backbone weights
-(``MODEL.PVT_D2.PRETRAINED``) and multi-process training on CPU (gloo).
+checkpoints (:mod:`.checkpoint`) and multi-process training on CPU (gloo).
+The ImageNet backbone weights (``MODEL.PVT_D2.PRETRAINED``) are loaded by the
+backbone builder itself, for every client that builds the model.
 
 Reliability: data loaders use :class:`~pvt_d2.data.mapper.RobustDatasetMapper`
 (a bad image is skipped in training, named in evaluation); datasets that are
@@ -247,15 +248,6 @@ class Trainer(DefaultTrainer):
         dataset = load_dataset_dicts([dataset_name], filter_empty=False, proposal_files=proposal_files)
         return build_detection_test_loader(dataset, mapper=RobustDatasetMapper(cfg, False),
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
-
-    @classmethod
-    def build_model(cls, cfg):
-        model = super().build_model(cfg)
-        if cfg.MODEL.PVT_D2.PRETRAINED:
-            from ..checkpoint import load_pretrained_backbone
-
-            load_pretrained_backbone(model, cfg.MODEL.PVT_D2.PRETRAINED)
-        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

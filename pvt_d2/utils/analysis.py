@@ -84,7 +84,8 @@ def build_backbone(cfg, device: str = "cpu") -> nn.Module:
 
     Only the backbone is built, which is much faster than the whole detector.
     Works for any ``MODEL.BACKBONE.NAME``: configs that do not use a pvt_d2
-    builder get their detectron2 backbone's bottom-up part.
+    builder get their detectron2 backbone's bottom-up part. Weights are random
+    (``MODEL.PVT_D2.PRETRAINED`` is not fetched): sizes and speed do not depend on them.
     """
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone as d2_build_backbone
@@ -92,6 +93,7 @@ def build_backbone(cfg, device: str = "cpu") -> nn.Module:
     import pvt_d2.modeling  # noqa: F401  (registers the builders)
     from pvt_d2.modeling.backbone.registry import build_pvt_d2_backbone
 
+    cfg = _random_init(cfg)
     input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
     if cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
         backbone = build_pvt_d2_backbone(cfg, input_shape)
@@ -100,14 +102,22 @@ def build_backbone(cfg, device: str = "cpu") -> nn.Module:
     return backbone.to(device).eval()
 
 
+def _random_init(cfg):
+    """A copy of ``cfg`` whose backbone starts from random weights (no ImageNet checkpoint fetched)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.PVT_D2.PRETRAINED = ""
+    return cfg
+
+
 def build_detector(cfg, device: Optional[str] = None) -> nn.Module:
-    """detectron2's ``build_model`` on ``device`` (default ``cfg.MODEL.DEVICE``), in eval mode."""
+    """detectron2's ``build_model`` on ``device`` (default ``cfg.MODEL.DEVICE``), in eval mode; random weights
+    unless ``MODEL.WEIGHTS`` names some (``MODEL.PVT_D2.PRETRAINED`` is not fetched)."""
     from detectron2.modeling import build_model
 
     import pvt_d2.modeling  # noqa: F401
 
-    cfg = cfg.clone()
-    cfg.defrost()
+    cfg = _random_init(cfg)
     if device is not None:
         cfg.MODEL.DEVICE = device
     return build_model(cfg).eval()

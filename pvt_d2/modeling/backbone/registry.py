@@ -21,6 +21,7 @@ __all__ = [
     "get_arch",
     "list_architectures",
     "create_backbone",
+    "load_imagenet_weights",
     "backbone_kwargs_from_cfg",
     "build_pvt_d2_backbone",
     "build_pvt_d2_fpn_backbone",
@@ -80,13 +81,31 @@ def create_backbone(name: str, **kwargs):
     ``drop_path_rate``, ``freeze_at``, ...); ``act_checkpoint=True`` turns on
     activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`),
     ``fast_inference=False`` turns off the inference kernels that change float32
-    rounding (:meth:`~.base.PyramidBackbone.set_fast_inference`).
+    rounding (:meth:`~.base.PyramidBackbone.set_fast_inference`), ``pretrained``
+    (a file or URL, ``MODEL.PVT_D2.PRETRAINED``) loads ImageNet weights.
     """
     spec = get_arch(name)
     act_checkpoint = kwargs.pop("act_checkpoint", False)
     fast_inference = kwargs.pop("fast_inference", True)
+    pretrained = kwargs.pop("pretrained", "")
     model = spec.model_cls(**{**spec.kwargs, **kwargs})
+    load_imagenet_weights(model, pretrained)
     return model.set_act_checkpoint(act_checkpoint).set_fast_inference(fast_inference)
+
+
+def load_imagenet_weights(backbone, pretrained: str) -> None:
+    """Load ``pretrained`` (``MODEL.PVT_D2.PRETRAINED``: a checkpoint file or URL; ``""``: none) into ``backbone``.
+
+    Every way of building a model from a pvt_d2 config passes here: our
+    trainer, detectron2's ``DefaultTrainer`` / ``DefaultPredictor`` /
+    ``build_model`` (the builders below) and LazyConfig's ``instantiate``
+    (:func:`create_backbone`), so each starts from the same weights.
+    """
+    if pretrained:
+        # imported here: pvt_d2.checkpoint reads the families' mappings from this package
+        from ...checkpoint import load_pretrained_backbone
+
+        load_pretrained_backbone(backbone, pretrained)
 
 
 def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
@@ -110,8 +129,13 @@ def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
 
 
 def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
+    """The backbone of ``cfg``; with ``MODEL.PVT_D2.PRETRAINED`` its ImageNet weights, unless ``MODEL.WEIGHTS``
+    names the weights of the whole detector (which replace them: nothing is fetched)."""
     model_cls, kwargs = backbone_kwargs_from_cfg(cfg, input_shape.channels)
-    model = model_cls(**kwargs).set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    model = model_cls(**kwargs)
+    if not cfg.MODEL.WEIGHTS:
+        load_imagenet_weights(model, cfg.MODEL.PVT_D2.PRETRAINED)
+    model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
     return model.set_fast_inference(cfg.MODEL.PVT_D2.FAST_INFERENCE)
 
 
