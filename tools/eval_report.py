@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Write a report of where a detector fails: ``python tools/eval_report.py RUN`` (see pvt_d2/cli/eval_report.py)."""
+"""``pvt-d2-report`` run from a checkout; the code is :mod:`pvt_d2.cli.eval_report`."""
 import sys
 
 from pvt_d2.cli.eval_report import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where does a detector fail? A report of a finished COCO evaluation, opened in a browser.
 
-    python tools/eval_report.py output/quickstart                    # -> output/quickstart/report/index.html
+    pvt-d2-report output/quickstart          # or python tools/eval_report.py; -> output/quickstart/report/index.html
     python tools/eval_report.py RUN/inference/DATASET/coco_instances_results.json --dataset NAME=ann.json:images
     python tools/eval_report.py --compare output/run_a output/run_b --output output/a_vs_b
 

@@ -3,8 +3,9 @@
 Trains ``configs/quickstart_pvt_v2_b0.yaml`` (a random-init PVT v2-b0 Mask
 R-CNN) on the synthetic shapes set, which is generated on first use, prints
 the COCO box and mask AP on its validation split, draws the detections of a
-few validation images and plots the training curves, all under
-``output/quickstart/``. Extra arguments are config overrides, e.g.
+few validation images, plots the training curves and writes the evaluation
+report (``report/index.html``: where the detector fails, see docs/REPORT.md),
+all under ``output/quickstart/``. Extra arguments are config overrides, e.g.
 ``pvt-d2-quickstart SOLVER.MAX_ITER 100`` or
 ``pvt-d2-quickstart OUTPUT_DIR output/quickstart_seed7 SEED 7``.
 
@@ -90,6 +91,9 @@ def _run(argv) -> int:
         plots = plot_metrics(os.path.join(cfg.OUTPUT_DIR, "metrics.json"), os.path.join(cfg.OUTPUT_DIR, "plots"))
     except ImportError:
         pass
+    from pvt_d2.cli.eval_report import report_for_run
+
+    report = report_for_run(cfg.OUTPUT_DIR)
     dataset = cfg.DATASETS.TEST[0]
     summary = {
         "box_AP": results[dataset]["bbox"]["AP"] if dataset in results else results["bbox"]["AP"],
@@ -98,6 +102,7 @@ def _run(argv) -> int:
         "weights": weights,
         "visualizations": vis,
         "plots": plots,
+        "report": report,
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "quickstart_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -107,6 +112,8 @@ def _run(argv) -> int:
     print(f"detections drawn: {os.path.dirname(vis[0]) if vis else '-'} ({len(vis)} images)")
     if plots:
         print(f"training curves: {os.path.dirname(plots[0])}")
+    if report:
+        print(f"evaluation report (open in a browser): {report}")
     return 0
 
 
