@@ -1,6 +1,6 @@
 """Time the report on a large synthetic evaluation, without a model.
 
-    python -m pvt_d2.evaluation.benchmark --images 5000 --dets 30 [--masks] [--keep DIR]
+    python -m pvt_d2.evaluation.benchmark --images 5000 --dets 30 [--masks] [--classes 80] [--keep DIR]
 
 Writes a split of the built-in synthetic shapes set with ``--images`` images
 (pictures and COCO json, :func:`pvt_d2.data.synthetic.generate_split`), makes
@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import numpy as np
 
-__all__ = ["fake_results", "main"]
+__all__ = ["fake_results", "relabel", "main"]
 
 
 def _jitter(rng: np.random.Generator, box, amount: float) -> List[float]:
@@ -84,12 +84,25 @@ def fake_results(gt: Dict, *, seed: int = 0, dets_per_image: int = 30, masks: bo
     return out
 
 
+def relabel(gt: Dict, num_classes: int, seed: int = 0) -> None:
+    """Give ``gt`` ``num_classes`` categories (``class_<k>``, supercategory ``group_<k // 8>``) and each object
+    one of them at random, in place."""
+    rng = np.random.default_rng(seed)
+    gt["categories"] = [{"id": k + 1, "name": f"class_{k + 1}", "supercategory": f"group_{k // 8}"}
+                        for k in range(num_classes)]
+    for a in gt["annotations"]:
+        a["category_id"] = int(rng.integers(num_classes)) + 1
+
+
 def main(argv=None) -> int:
     """Generate the set and the detections, time the report; prints the seconds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets", type=int, default=30, help="detections per image")
     parser.add_argument("--masks", action="store_true", help="also mask results (adds the segm evaluation)")
+    parser.add_argument("--classes", type=int, default=0,
+                        help="relabel the objects at random into this many classes (80: COCO's count; "
+                             "supercategories of 8 classes each); default: the set's 4 shapes")
     parser.add_argument("--keep", help="write everything here and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
     from pvt_d2.cli.eval_report import main as report_main
@@ -101,6 +114,10 @@ def main(argv=None) -> int:
         json_file = generate_split(root, "bench", args.images, seed=123)
         with open(json_file) as f:
             gt = json.load(f)
+        if args.classes:
+            relabel(gt, args.classes)
+            with open(json_file, "w") as f:
+                json.dump(gt, f)
         results = fake_results(gt, dets_per_image=args.dets, masks=args.masks)
         run = os.path.join(root, "run", "inference", "bench")
         os.makedirs(run, exist_ok=True)
