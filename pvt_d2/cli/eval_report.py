@@ -189,6 +189,14 @@ def _publish(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _shown(path: Optional[str]) -> str:
+    """``path`` as the page shows it: relative to the working folder when it lies inside it."""
+    if not path:
+        return "(converted from the dataset)"
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel.startswith("..") else rel
+
+
 def _load(path: str, dataset_arg: Optional[str]):
     results_json, run = find_results(path, dataset_arg)
     name = resolve_dataset(dataset_arg, run, results_json)
@@ -233,16 +241,16 @@ def _run(args) -> int:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".report-", dir=parent)
     try:
-        inputs: Dict[str, str] = {"dataset": name, "annotations": json_file or "(converted from the dataset)"}
+        inputs: Dict[str, str] = {"dataset": name, "annotations": _shown(json_file)}
         if args.compare:
             labels = args.names or [os.path.basename(ld[1].rstrip(os.sep)) for ld in loaded]
             if labels[0] == labels[1]:
                 labels = [f"A ({labels[0]})", f"B ({labels[1]})"]
-            inputs.update({"A results": loaded[0][0], "B results": loaded[1][0]})
+            inputs.update({"A results": _shown(loaded[0][0]), "B results": _shown(loaded[1][0])})
             write_comparison(analyses[0], analyses[1], tmp, names_ab=tuple(labels), image_root=image_root,
                              metas=gt.imgs, inputs=inputs, num_images=args.num_images)
         else:
-            inputs["results"] = loaded[0][0]
+            inputs["results"] = _shown(loaded[0][0])
             write_report(analyses[0], tmp, image_root=image_root, metas=gt.imgs, inputs=inputs,
                          num_images=args.num_images)
         with open(os.path.join(tmp, MARKER), "w") as f:
