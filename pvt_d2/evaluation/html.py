@@ -81,8 +81,8 @@ def _cell(value, text: Optional[str] = None, cls: str = "") -> str:
 def _delta(a: float, b: float) -> str:
     if a < 0 or b < 0:
         return _cell(-1e9, "–")
-    d = 100 * (b - a)
-    return _cell(d, f"{d:+.1f}", "pos" if d > 0.05 else ("neg" if d < -0.05 else ""))
+    d = round(100 * (b - a), 1) + 0.0  # + 0.0: no "-0.0"
+    return _cell(d, f"{d:+.1f}", "pos" if d > 0 else ("neg" if d < 0 else ""))
 
 
 def _table(headers: Sequence[str], rows: List[str], sortable: bool = True) -> str:
@@ -326,20 +326,31 @@ def _breakdown_section(a: Analysis, out: str, prefix: str) -> str:
     return "".join(parts)
 
 
-def _confusion_table(cm: np.ndarray, labels: Sequence[str]) -> str:
+def _confusion_table(cm: np.ndarray, labels: Sequence[str], diff: bool = False) -> str:
+    """The matrix as a table; ``diff``: a difference B - A, green where B is better (more on the diagonal,
+    fewer elsewhere), red where it is worse."""
+    n = len(labels)
     rows = []
+    scale = max(1, int(np.abs(cm).max())) if diff else 1
     for i, lab in enumerate(labels):
-        total = max(1, int(cm[i].sum()))
         cells = []
-        for j in range(len(labels)):
+        for j in range(n):
             v = int(cm[i, j])
-            alpha = v / total if i < len(labels) - 1 else min(1.0, v / max(1, int(cm[:, j].sum())))
-            color = "40,140,40" if i == j else "200,40,40"
-            cells.append(f'<td data-v="{v}" style="background:rgba({color},{alpha:.2f})">{v}</td>')
-        total_cell = f"<td>{int(cm[i].sum())}</td>" if i < len(labels) - 1 else "<td></td>"
+            if diff:
+                better = (v > 0) == (i == j and i < n - 1)
+                color, alpha = ("40,140,40" if better else "200,40,40"), abs(v) / scale
+            else:
+                total = max(1, int(cm[i].sum()) if i < n - 1 else int(cm[:, j].sum()))
+                color, alpha = ("40,140,40" if i == j else "200,40,40"), v / total
+            cells.append(f'<td data-v="{v}" style="background:rgba({color},{alpha:.2f})">{v:+d}</td>' if diff else
+                         f'<td data-v="{v}" style="background:rgba({color},{alpha:.2f})">{v}</td>')
+        total_cell = "" if diff else (f"<td>{int(cm[i].sum())}</td>" if i < n - 1 else "<td></td>")
         rows.append(f"<tr><th>{_e(lab)}</th>{''.join(cells)}{total_cell}</tr>")
     head = "".join(f"<th>{_e(lab)}</th>" for lab in labels)
-    totals = "".join(f"<td>{int(cm[:, j].sum())}</td>" for j in range(len(labels)))
+    if diff:
+        return (f'<div class="wide"><table><thead><tr><th>ground truth \\ prediction</th>{head}</tr></thead>'
+                f"<tbody>{''.join(rows)}</tbody></table></div>")
+    totals = "".join(f"<td>{int(cm[:, j].sum())}</td>" for j in range(n))
     return (f'<div class="wide"><table><thead><tr><th>ground truth \\ prediction</th>{head}<th>objects</th></tr>'
             f"</thead><tbody>{''.join(rows)}<tr><th>detections</th>{totals}<td></td></tr></tbody></table></div>")
 
@@ -512,11 +523,12 @@ def write_comparison(a: Analysis, b: Analysis, out: str, *, names_ab: Tuple[str,
             hdr += [f"{lab} A", f"{lab} B", f"{lab} B−A"]
         parts.append(f"<h3>{n}: per class (area all)</h3>" + _table(hdr, rows))
     labels = a.classes + ["background"]
-    parts.append('<h2 id="confusion">Confusion matrices</h2><p class="meta">B − A per cell; the full matrices are '
-                 'in the two reports.</p>')
+    parts.append('<h2 id="confusion">Confusion matrices</h2><p class="meta">B − A per cell (green: B better, more '
+                 'matches on the diagonal or fewer errors elsewhere; red: worse); the full matrices are in the two '
+                 'reports.</p>')
     for t in types:
         diff = b.confusion[t] - a.confusion[t]
-        parts.append(f"<h3>{_TYPE_NAMES.get(t, t)}: B − A</h3>" + _confusion_table(diff, labels))
+        parts.append(f"<h3>{_TYPE_NAMES.get(t, t)}: B − A</h3>" + _confusion_table(diff, labels, diff=True))
     names = dict(zip(a.cat_ids, a.classes))
     ranked = disagreements(a, b)[:num_images]
     parts.append('<h2 id="images">Images where they disagree most</h2><p class="meta">Ranked by the objects found '
