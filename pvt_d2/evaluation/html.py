@@ -350,7 +350,7 @@ def _confusion_table(cm: np.ndarray, labels: Sequence[str], diff: bool = False) 
     if diff:
         return (f'<div class="wide"><table><thead><tr><th>ground truth \\ prediction</th>{head}</tr></thead>'
                 f"<tbody>{''.join(rows)}</tbody></table></div>")
-    totals = "".join(f"<td>{int(cm[:, j].sum())}</td>" for j in range(n))
+    totals = "".join(f"<td>{int(cm[:, j].sum())}</td>" for j in range(n - 1)) + "<td></td>"
     return (f'<div class="wide"><table><thead><tr><th>ground truth \\ prediction</th>{head}<th>objects</th></tr>'
             f"</thead><tbody>{''.join(rows)}<tr><th>detections</th>{totals}<td></td></tr></tbody></table></div>")
 
