@@ -7,5 +7,5 @@ from ..checkpoint import AtomicCheckpointer
 from .optim import OptimizerMismatchError, build_optimizer, param_groups
 from .trainer import RecipeMixin, Trainer, create_ddp_model, use_cpu_if_no_cuda
 
-__all__ = ["AtomicCheckpointer", "OptimizerMismatchError", "RecipeMixin", "Trainer", "build_optimizer", "create_ddp_model",
-           "param_groups", "use_cpu_if_no_cuda"]
+__all__ = ["AtomicCheckpointer", "OptimizerMismatchError", "RecipeMixin", "Trainer", "build_optimizer",
+           "create_ddp_model", "param_groups", "use_cpu_if_no_cuda"]
