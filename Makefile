@@ -1,6 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs first
 # (install.sh is idempotent: seconds when the environment is up to date).
-PY := .venv/bin/python
+# The environment install.sh chose (an activated venv or conda env, $PVT_D2_VENV, else ./.venv): one owner, install.sh.
+PY := $(shell bash install.sh --print-python)
 
 .PHONY: install quickstart test test-slow test-all configs
 
