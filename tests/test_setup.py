@@ -55,3 +55,37 @@ def test_install_step_under_an_activated_virtualenv(tmp_path):
     check = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import pvt_d2, sys; print(pvt_d2.__file__)"],
                            cwd=str(tmp_path), capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.startswith(REPO), check.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_pip_install_non_editable_then_train_from_another_folder(tmp_path):
+    """`pip install <checkout>` (not editable) ships the configs and the commands: from another folder the model
+    zoo finds ``retinanet_pvt_s.yaml`` and ``pvt-d2-train`` trains it for 2 iterations on the synthetic set."""
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    site = subprocess.run([str(env_dir / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "outer_site.pth"), "w") as f:  # torch, detectron2, ... of this venv
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    pip = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", REPO],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    python = str(env_dir / "bin" / "python")
+    found = subprocess.run([python, "-c", "from pvt_d2 import model_zoo; "
+                            "print(model_zoo.get_config_file('retinanet_pvt_s.yaml'))"],
+                           cwd=str(elsewhere), capture_output=True, text=True)
+    path = found.stdout.strip()
+    assert found.returncode == 0 and path.startswith(site) and os.path.isfile(path), found.stderr[-2000:]
+    assert os.path.isfile(os.path.join(site, "pvt_d2", "model_zoo", "configs", "lazy", "retinanet_pvt_s.py"))
+    env = dict(os.environ, PATH=f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}", DETECTRON2_DATASETS="datasets")
+    train = subprocess.run(
+        ["pvt-d2-train", "--config-file", "retinanet_pvt_s.yaml", "DATASETS.TRAIN", "('synthetic_train',)",
+         "DATASETS.TEST", "()", "MODEL.RETINANET.NUM_CLASSES", "4", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH",
+         "2", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192", "MODEL.PVT_D2.PRETRAINED", "",
+         "OUTPUT_DIR", "out"], cwd=str(elsewhere), env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert '"iteration": 1' in (elsewhere / "out" / "metrics.json").read_text()
+    assert (elsewhere / "out" / "model_final.pth").is_file()
