@@ -8,16 +8,17 @@ PY := $(shell bash install.sh --print-python)
 install:
 	bash install.sh
 
+# ARGS: config overrides for the quickstart, e.g. make quickstart ARGS="SOLVER.MAX_ITER 600"
 quickstart: install
-	$(PY) tools/quickstart.py
+	$(PY) tools/quickstart.py $(ARGS)
 
 # The README's test command: the suite without the tests marked slow.
 test: install
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 # The tests marked slow (longer training runs, every config, large exports); CI runs them after `make test`.
 test-slow: install
-	$(PY) -m pytest -q -n 2 -m slow
+	$(PY) -m pytest -q -n 2 -m slow $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest -q -n 2

@@ -13,7 +13,7 @@ def _make_dry_run(target, **env_vars):
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV")}
     env.update(env_vars)
     out = subprocess.run(["make", "-n", target], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    return out.stdout.splitlines()
+    return [line.rstrip() for line in out.stdout.splitlines()]
 
 
 @pytest.mark.parametrize("variables, python", [
@@ -50,7 +50,7 @@ def test_install_step_under_an_activated_virtualenv(tmp_path):
     assert "[install] torch==" not in proc.stdout  # the environment's own torch is used, nothing downloaded
     assert "[install] keeping existing detectron2" in proc.stdout
     assert "[install] ok: torch" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == f"{env_dir}/bin/python tools/quickstart.py"
+    assert proc.stdout.strip().splitlines()[-1].rstrip() == f"{env_dir}/bin/python tools/quickstart.py"
     assert (env_dir / ".pvt_d2_install_stamp").is_file()
     check = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import pvt_d2, sys; print(pvt_d2.__file__)"],
                            cwd=str(tmp_path), capture_output=True, text=True)
