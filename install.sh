@@ -4,6 +4,7 @@
 #
 #   bash install.sh            # creates ./.venv
 #   PVT_D2_VENV=/path bash install.sh
+#   bash install.sh --print-python   # only print the python of the environment it would use (the Makefile's)
 #
 # When run inside an already-activated virtualenv or conda environment
 # ($VIRTUAL_ENV / $CONDA_PREFIX) it installs into that environment instead, and
@@ -25,6 +26,10 @@ else
   VENV=.venv
 fi
 PY="$VENV/bin/python"
+if [ "${1:-}" = "--print-python" ]; then
+  echo "$PY"
+  exit 0
+fi
 
 if [ ! -x "$PY" ]; then
   echo "[install] creating virtual environment $VENV"
@@ -84,7 +89,7 @@ esac
 
 # Optional ONNX export check (about 40 MB of wheels); PVT_D2_NO_ONNX=1 skips it.
 if [ -z "${PVT_D2_NO_ONNX:-}" ]; then
-  echo "[install] onnx, onnxscript, onnxruntime (tools/export_model.py --format onnx)"
+  echo "[install] onnx, onnxscript, onnxruntime (pvt-d2-export --format onnx)"
   pip_install onnx onnxscript onnxruntime
 fi
 

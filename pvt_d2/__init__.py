@@ -14,5 +14,6 @@ if importlib.util.find_spec("detectron2") is None:
 
 from .config import add_pvt_d2_config, get_pvt_d2_cfg, load_config  # noqa: E402, F401
 from .modeling import create_backbone, get_arch, list_architectures  # noqa: E402, F401
+from .engine import optim as _optim  # noqa: E402, F401  (checks that a config's SOLVER.OPTIMIZER is the one used)
 
 __version__ = "0.1.0"

@@ -34,7 +34,7 @@ from ..data import (DatasetError, check_datasets_for_config, check_num_classes, 
 from ..data.mapper import MAX_CONSECUTIVE_FAILURES, RobustDatasetMapper
 from .optim import build_optimizer
 
-__all__ = ["Trainer", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
+__all__ = ["Trainer", "RecipeMixin", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
 
 logger = logging.getLogger("pvt_d2")
 
@@ -126,7 +126,58 @@ def _loss_terms(message: str) -> str:
     return ", ".join(f"{name}={value.strip()}" for name, value in terms)
 
 
-class Trainer(DefaultTrainer):
+class RecipeMixin:
+    """pvt_d2's recipe for any detectron2 ``DefaultTrainer`` subclass: ``class MyTrainer(RecipeMixin, DefaultTrainer)``.
+
+    Gives the trainer what a pvt_d2 config asks for beyond detectron2's
+    defaults: the optimizer of ``SOLVER.OPTIMIZER`` (AdamW with the papers'
+    weight-decay exemptions; detectron2 builds SGD), the training
+    augmentation of ``INPUT.AUGMENTATION`` with the robust dataset mapper, and
+    COCO evaluators. The model itself, ImageNet weights included, is the same
+    with or without it (the backbone builder loads them).
+    """
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
+        dataset = load_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
+        # a dataset smaller than the failure limit is broken once each of its images failed (detectron2's
+        # MapDataset has no other image left to try then)
+        mapper = RobustDatasetMapper(cfg, True, max_consecutive_failures=max(1, min(MAX_CONSECUTIVE_FAILURES,
+                                                                                      len(dataset))))
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
+        proposal_files = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
+        dataset = load_dataset_dicts([dataset_name], filter_empty=False, proposal_files=proposal_files)
+        return build_detection_test_loader(dataset, mapper=RobustDatasetMapper(cfg, False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """The optimizer of ``SOLVER.OPTIMIZER`` (:func:`~pvt_d2.engine.optim.build_optimizer`)."""
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return DatasetEvaluators([COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
+                                                output_dir=output_folder)])
+
+
+class Trainer(RecipeMixin, DefaultTrainer):
     """``DefaultTrainer`` with pvt_d2's optimizer, evaluators, checkpointer, robust data and CPU support.
 
     The parts are assembled explicitly, in detectron2's order (model,
@@ -222,41 +273,3 @@ class Trainer(DefaultTrainer):
             # a failed last iteration must not be mistaken for the end of training (final evaluation)
             self._hooks = [h for h in self._hooks if not isinstance(h, hooks.EvalHook)]
         super().after_train()
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        """detectron2's train loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
-        dataset = load_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
-        check_num_classes(cfg, cfg.DATASETS.TRAIN, training=True)
-        # a dataset smaller than the failure limit is broken once each of its images failed (detectron2's
-        # MapDataset has no other image left to try then)
-        mapper = RobustDatasetMapper(cfg, True, max_consecutive_failures=max(1, min(MAX_CONSECUTIVE_FAILURES,
-                                                                                      len(dataset))))
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        """detectron2's test loader, with :class:`RobustDatasetMapper` and clear dataset errors."""
-        proposal_files = None
-        if cfg.MODEL.LOAD_PROPOSALS:
-            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
-        dataset = load_dataset_dicts([dataset_name], filter_empty=False, proposal_files=proposal_files)
-        return build_detection_test_loader(dataset, mapper=RobustDatasetMapper(cfg, False),
-                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
-
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return DatasetEvaluators([COCOEvaluator(dataset_name, tasks=tasks, distributed=True,
-                                                output_dir=output_folder)])

@@ -6,8 +6,9 @@ arguments. A config names one with ``MODEL.PVT_D2.ARCH``; the detectron2
 builders at the bottom of this file (``MODEL.BACKBONE.NAME``) turn the config
 into the plain backbone, an FPN (P2-P6) or a RetinaNet FPN (P3-P7).
 """
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, Optional, Tuple, Type
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import ShapeSpec
@@ -22,6 +23,7 @@ __all__ = [
     "list_architectures",
     "create_backbone",
     "load_imagenet_weights",
+    "config_optimizers",
     "backbone_kwargs_from_cfg",
     "build_pvt_d2_backbone",
     "build_pvt_d2_fpn_backbone",
@@ -136,7 +138,18 @@ def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
     if not cfg.MODEL.WEIGHTS:
         load_imagenet_weights(model, cfg.MODEL.PVT_D2.PRETRAINED)
     model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    _CONFIG_OPTIMIZER[model] = cfg.SOLVER.get("OPTIMIZER", "SGD").upper()
     return model.set_fast_inference(cfg.MODEL.PVT_D2.FAST_INFERENCE)
+
+
+# Backbones built from a config -> the config's SOLVER.OPTIMIZER, which pvt_d2.engine.optim checks at the first
+# step of an optimizer that trains them (detectron2's DefaultTrainer would otherwise build SGD without a word).
+_CONFIG_OPTIMIZER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def config_optimizers() -> Iterator[Tuple[nn.Module, str]]:
+    """``(backbone, SOLVER.OPTIMIZER)`` of every live backbone that a detectron2 builder made from a config."""
+    return iter(list(_CONFIG_OPTIMIZER.items()))
 
 
 @BACKBONE_REGISTRY.register()
