@@ -256,6 +256,17 @@ def test_report_for_run_as_the_quickstart_calls_it(tmp_path, capsys):
     assert "warning: no evaluation report: " in capsys.readouterr().err
 
 
+def test_quickstart_command_reads_its_overrides(monkeypatch, capsys):
+    """``pvt-d2-quickstart`` / ``tools/quickstart.py`` call ``main()``: the overrides come from the command line
+    (a bad key is refused before any training, so this takes no time)."""
+    from pvt_d2.cli import quickstart
+
+    monkeypatch.setattr("sys.argv", ["pvt-d2-quickstart", "SOLVER.NO_SUCH_KEY", "1"])
+    monkeypatch.setattr(quickstart, "_run", lambda argv: 0)  # overrides ignored: no training, exit 0
+    assert quickstart.main() == 2
+    assert "NO_SUCH_KEY" in capsys.readouterr().err
+
+
 def test_compare(tmp_path, capsys, dataset_root):
     ann, images, run_a = _write_case(str(tmp_path), name="run_a")
     # B finds car D and drops the background car: it disagrees with A on image 2 (D) and image 3 (one false less)

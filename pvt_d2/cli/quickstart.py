@@ -64,7 +64,12 @@ def setup(argv):
 
 
 def main(argv=None) -> int:
-    """Run the quickstart; a bad override or a busy ``OUTPUT_DIR``: one ``ERROR:`` line, exit status 2."""
+    """Run the quickstart; a bad override or a busy ``OUTPUT_DIR``: one ``ERROR:`` line, exit status 2.
+
+    ``argv``: the config overrides; None (the ``pvt-d2-quickstart`` command, ``tools/quickstart.py``) takes
+    them from the command line.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         output_dir = load_config(CONFIG, argv).OUTPUT_DIR
         with OutputDirLock(output_dir, "quickstart"):
