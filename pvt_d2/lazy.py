@@ -94,8 +94,8 @@ def setup_lazy_datasets(cfg, specs: Sequence[str] = (), overrides: Sequence[str]
     :func:`~pvt_d2.data.custom.register_dataset_spec`; the class list of the
     declared datasets named in ``dataloader.train.dataset.names`` (else
     ``dataloader.test.dataset.names``) gives every ``num_classes`` field of
-    ``cfg.model`` (``model.roi_heads.num_classes``, the box predictors, the
-    mask heads; RetinaNet's ``model.num_classes`` and ``model.head.num_classes``).
+    ``cfg.model`` that holds a number (``model.roi_heads.num_classes``,
+    RetinaNet's ``model.num_classes``; the heads that interpolate it follow).
 
     Args:
         cfg: the loaded LazyConfig (changed in place).
