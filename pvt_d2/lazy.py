@@ -20,10 +20,17 @@ __all__ = ["dataset_dicts", "dataset_names", "skip_imagenet_weights", "setup_laz
 
 
 def dataset_dicts(names, filter_empty: bool = True):
-    """:func:`pvt_d2.data.load_dataset_dicts` of one dataset name or a list of them (clear errors)."""
-    from .data import load_dataset_dicts
+    """:func:`pvt_d2.data.load_dataset_dicts` of one dataset name or a list of them (clear errors).
 
-    return load_dataset_dicts([names] if isinstance(names, str) else list(names), filter_empty=filter_empty)
+    pvt_d2's built-in datasets are registered (and the synthetic set generated)
+    first (:func:`pvt_d2.data.prepare_datasets`), so that any LazyConfig client,
+    detectron2's own ``tools/lazyconfig_train_net.py`` included, finds them.
+    """
+    from .data import load_dataset_dicts, prepare_datasets
+
+    names = [names] if isinstance(names, str) else list(names)
+    prepare_datasets(names)
+    return load_dataset_dicts(names, filter_empty=filter_empty)
 
 
 def _backbone_nodes(node):
