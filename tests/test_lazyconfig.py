@@ -141,6 +141,16 @@ def _write_lazy(tmp_path, config: str, cfg) -> str:
     return str(path)
 
 
+def test_generator_refuses_a_yaml_key_it_cannot_write():
+    """A YAML value without a LazyConfig form in tools/generate_lazy_configs.py stops the generator, naming it."""
+    from pvt_d2.config import load_config
+    from tools.generate_lazy_configs import render
+
+    cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_v2_b0.yaml"), ["MODEL.RPN.IOU_THRESHOLDS", "[0.2, 0.8]"])
+    with pytest.raises(ValueError, match=r"MODEL.RPN.IOU_THRESHOLDS = \[0.2, 0.8\] \(base \[0.3, 0.7\]\)"):
+        render("mask_rcnn_pvt_v2_b0.yaml", cfg)
+
+
 def _compare(config, tmp_path):
     from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling import build_model
