@@ -59,6 +59,7 @@ def test_readme_blocks_are_found_and_overrides_apply():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the quickstart, a few short trainings, the tools and two exports
 def test_every_readme_command_block_runs(tmp_path):
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
     copy = tmp_path / "checkout"
