@@ -316,8 +316,10 @@ def render(entries: List[Dict], data: Dict, run_info: Dict) -> str:
                 f"{'-' if paper is None else format(paper, '.1f')} | "
                 f"{_opt(s['gflops'], '.1f')} | {_opt(s['latency_ms'], '.0f')} | {ap} |")
         lines.append("")
-    extra = [f"`{arch}` {EXTRA_DETECTORS[det]}: {ap}" for (arch, det), ap in aps.items()
-             if det in EXTRA_DETECTORS and any(e["arch"] == arch for e in entries)]
+    arch_order = list(OrderedDict.fromkeys(e["arch"] for e in entries))
+    shown = [(arch, det) for arch, det in aps if det in EXTRA_DETECTORS and arch in arch_order]
+    extra = [f"`{arch}` {EXTRA_DETECTORS[det]}: {aps[arch, det]}"
+             for arch, det in sorted(shown, key=lambda key: arch_order.index(key[0]))]
     lines += ["## Notes on the published numbers", "", _sources_line()]
     if extra:
         lines += ["", "Published results for detectors without a config here: " + "; ".join(extra) + "."]
