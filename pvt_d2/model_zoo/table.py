@@ -182,7 +182,8 @@ def measure(entries: List[Dict], flops: bool = True, latency: bool = True, laten
         start = time.perf_counter()
         backbones = {}
         for e in group:
-            cfg = load_config(e["path"], ["MODEL.DEVICE", "cpu"])
+            # counts and timings do not depend on the weights: nothing is downloaded
+            cfg = load_config(e["path"], ["MODEL.DEVICE", "cpu", "MODEL.PVT_D2.PRETRAINED", ""])
             key = _backbone_key(cfg)
             if key not in backbones:
                 backbones[key] = build_backbone(cfg)
