@@ -817,6 +817,12 @@ def _weights(file: str) -> Weights:
                    note="NVlabs/GCVit links Google Drive and nvidia/GCViT on Hugging Face; timm's direct copy")
 
 
+def _valid_windows(windows) -> bool:
+    """``MODEL.PVT_D2.GCVIT.WINDOW_SIZES``: ``[]`` or one positive integer per stage."""
+    return not windows or (len(windows) == 4 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows))
+
+
 MANIFEST = register_family(FamilyManifest(
     GCViT, CHECKPOINT_MAPPING,
     variants=(
@@ -839,9 +845,8 @@ MANIFEST = register_family(FamilyManifest(
                 published_ap={"cascade_mask_rcnn_3x": "52.9 / 45.8"},
                 published_params={"cascade_mask_rcnn_3x": 146.0}),
     ),
-    options=(Option("WINDOW_SIZES", check=lambda w: not w or (len(w) == 4 and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in w)),
-        allowed="give [] (the ImageNet windows) or 4 positive integers, one per stage"),),
+    options=(Option("WINDOW_SIZES", check=_valid_windows,
+                    allowed="give [] (the ImageNet windows) or 4 positive integers, one per stage"),),
     # the official detection code's window 24 in every stage (NVlabs/GCVit detection/configs/gcvit/*.py)
     detection_cfg={"GCVIT.WINDOW_SIZES": [24, 24, 24, 24]},
     recipe={"3x": {"WARMUP_ITERS": 2500}},  # NVlabs/GCVit schedule_3x.py
