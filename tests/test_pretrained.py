@@ -639,7 +639,7 @@ def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
 def _cfg(*opts):
     cfg = load_config(os.path.join(REPO, "configs", "mask_rcnn_pvt_v2_b0.yaml"),
                       ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", *opts])
+                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.PVT_D2.PRETRAINED", "", *opts])
     return cfg
 
 
@@ -813,7 +813,8 @@ def test_gcvit_first_generation_mode_survives_a_detector_checkpoint(tmp_path):
     from pvt_d2.checkpoint import AtomicCheckpointer
 
     cfg = load_config(os.path.join(REPO, "configs", "retinanet_gcvit_xxt.yaml"),
-                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "OUTPUT_DIR", str(tmp_path)])
+                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "OUTPUT_DIR", str(tmp_path),
+                       "MODEL.PVT_D2.PRETRAINED", ""])
     trained = build_model(cfg)
     trained.backbone.bottom_up.first_generation_queries = True
     AtomicCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
