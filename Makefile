@@ -25,3 +25,4 @@ test-all: install
 
 configs:
 	$(PY) tools/generate_configs.py
+	$(PY) tools/generate_lazy_configs.py

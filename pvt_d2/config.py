@@ -5,9 +5,12 @@ YAML files under ``configs/``. Every key is documented where it is defined.
 
 A backbone setting has one default, the model's own: its family file's
 constructor and variant table (``pvt_d2/modeling/backbone/<family>.py``).
-The ``MODEL.PVT_D2`` keys that mirror one are unset (``None``) here and only
-override it when a config or the command line sets them; the detector configs
-under ``configs/`` set the detection values (drop path per variant) explicitly.
+The ``MODEL.PVT_D2`` keys that mirror one are unset (``None`` or ``[]``) here
+and only override it when a config or the command line sets them; the
+detector configs under ``configs/`` set the detection values (drop path per
+variant, the family's detection keys) explicitly, from the family manifests.
+The valid values of a family's keys and its levels are the manifest's too
+(:mod:`pvt_d2.modeling.backbone.manifest`).
 """
 import math
 
@@ -49,10 +52,10 @@ def add_pvt_d2_config(cfg: CN) -> CN:
     cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM = None
 
     # GC ViT: window side per stage; [] = the model's own, the ImageNet windows
-    # 7, 7, 14, 7. The default is the official detection code's 24 in every
-    # stage (NVlabs/GCVit detection/configs/gcvit/*.py).
+    # 7, 7, 14, 7. The GC ViT detector configs set the official detection
+    # code's 24 in every stage (NVlabs/GCVit detection/configs/gcvit/*.py).
     cfg.MODEL.PVT_D2.GCVIT = CN()
-    cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = [24, 24, 24, 24]
+    cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = []
 
     # LeViT: "window" (attention inside tiles of the pretraining grid) or
     # "global" (whole map, bias table extended); norm "FrozenBN", "BN" or
@@ -332,12 +335,14 @@ def _one_of(values) -> str:
 
 
 def _validate_family_options(cfg: CN, bad) -> None:
-    """Options of ``MODEL.PVT_D2`` that the model would only reject when built: levels, freezing, family keys."""
-    from .modeling.backbone import levit
-    from .modeling.backbone.registry import get_arch
+    """Options of ``MODEL.PVT_D2`` that the model would only reject when built: levels, freezing, family keys.
 
-    family = get_arch(cfg.MODEL.PVT_D2.ARCH).family
-    levels = ["res2", "res3", "res4", "res5"] + (["res6"] if family == "levit" else [])
+    The levels and the allowed values of every family's keys are read from the family manifests.
+    """
+    from .modeling.backbone.manifest import families, get_variant
+
+    family, _ = get_variant(cfg.MODEL.PVT_D2.ARCH)
+    levels = list(family.levels)
     unknown = [f for f in cfg.MODEL.PVT_D2.OUT_FEATURES if f not in levels]
     if unknown:
         bad("MODEL.PVT_D2.OUT_FEATURES", f"{cfg.MODEL.PVT_D2.ARCH} has no level {', '.join(unknown)}; its levels "
@@ -346,13 +351,14 @@ def _validate_family_options(cfg: CN, bad) -> None:
     if isinstance(freeze, bool) or not isinstance(freeze, int) or not 0 <= freeze <= len(levels) + 1:
         bad("MODEL.BACKBONE.FREEZE_AT", f"it must be 0 (train everything), 1 (freeze the stem) or 2-{len(levels) + 1}"
                                         f" (also the stages up to res2-res{len(levels) + 1})")
-    if cfg.MODEL.PVT_D2.LEVIT.ATTN_MODE not in (None, *levit.ATTN_MODES):
-        bad("MODEL.PVT_D2.LEVIT.ATTN_MODE", f"use {_one_of(levit.ATTN_MODES)} (None: the model's own)")
-    if cfg.MODEL.PVT_D2.LEVIT.NORM not in (None, *levit.NORMS):
-        bad("MODEL.PVT_D2.LEVIT.NORM", f"use {_one_of(levit.NORMS)} (None: the model's own)")
-    if cfg.MODEL.PVT_D2.TWINS.EXTRA_NORM not in (None, True, False):
-        bad("MODEL.PVT_D2.TWINS.EXTRA_NORM", "use None (the variant's default), True or False")
-    windows = list(cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES)
-    if windows and (len(windows) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
-                                             for w in windows)):
-        bad("MODEL.PVT_D2.GCVIT.WINDOW_SIZES", "give [] (the ImageNet windows) or 4 positive integers, one per stage")
+    for manifest in families():
+        node = cfg.MODEL.PVT_D2.get(manifest.cfg_node)
+        for option in manifest.options:
+            key = f"MODEL.PVT_D2.{manifest.cfg_node}.{option.key}"
+            value = None if node is None else node.get(option.key)
+            if value is None:
+                continue
+            if option.choices and value not in option.choices:
+                bad(key, option.allowed or f"use {_one_of(option.choices)} (None: the model's own)")
+            if option.check is not None and not option.check(list(value) if isinstance(value, tuple) else value):
+                bad(key, option.allowed)

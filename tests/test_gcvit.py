@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers.pos_embed_rel import gen_relative_position_index
 
-from pvt_d2.config import get_pvt_d2_cfg
+from pvt_d2.config import get_pvt_d2_cfg, load_config
 from pvt_d2.modeling.backbone import build_pvt_d2_backbone, create_backbone, list_architectures
 from pvt_d2.modeling.backbone.gcvit import (
     IMAGENET_WINDOW_SIZES,
@@ -374,12 +374,13 @@ def test_out_features_subset_and_unknown():
 def test_build_from_config_window_policy():
     cfg = get_pvt_d2_cfg()
     cfg.MODEL.PVT_D2.ARCH = "gcvit_xxtiny"
+    assert build_pvt_d2_backbone(cfg, ShapeSpec(channels=3)).window_sizes == IMAGENET_WINDOW_SIZES  # the model's own
+    detection = load_config("cascade_mask_rcnn_gcvit_xxt_3x.yaml")  # the detector configs state the official 24
+    assert list(detection.MODEL.PVT_D2.GCVIT.WINDOW_SIZES) == list(DETECTION_WINDOWS)
+    cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = list(DETECTION_WINDOWS)
     model = build_pvt_d2_backbone(cfg, ShapeSpec(channels=3))
-    assert isinstance(model, GCViT)
-    assert model.window_sizes == DETECTION_WINDOWS  # detection default
+    assert isinstance(model, GCViT) and model.window_sizes == DETECTION_WINDOWS
     assert model.stages[0].blocks[0].attn.rel_pos.relative_position_bias_table.shape == (169, 2)
-    cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = []
-    assert build_pvt_d2_backbone(cfg, ShapeSpec(channels=3)).window_sizes == IMAGENET_WINDOW_SIZES
     cfg.MODEL.PVT_D2.GCVIT.WINDOW_SIZES = [12, 12]
     with pytest.raises(ValueError, match="window_sizes"):
         build_pvt_d2_backbone(cfg, ShapeSpec(channels=3))

@@ -35,7 +35,7 @@ from pvt_d2.checkpoint import (
     save_for_detectron2,
 )
 from pvt_d2.config import load_config
-from pvt_d2.checkpoint.convert import arch_hparams, describe_backbone, match_arch
+from pvt_d2.checkpoint.convert import arch_hparams, describe_backbone, match_arch, new_parameter_prefixes
 from pvt_d2.modeling import create_backbone, get_arch, list_architectures
 from pvt_d2.modeling.backbone.gcvit import FIRST_GENERATION_QUERIES_KEY
 from pvt_d2.cli.convert_pretrained import main as convert_main
@@ -409,7 +409,8 @@ def test_official_checkpoint_converts_key_by_key_and_loads(case, tmp_path):
     arch, overrides, to_official, filename, nesting = OFFICIAL_CASES[case]
     source = _model(arch, fresh=False, **overrides)  # read only
     native = source.state_dict()
-    ours_only = tuple(getattr(source, "new_parameter_prefixes", ()))
+    # the backbone's own modules that no ImageNet checkpoint has (detection necks and norms)
+    ours_only = tuple(p for p in new_parameter_prefixes(get_arch(arch).family) if any(k.startswith(p) for k in native))
     official = to_official({k: v for k, v in native.items() if not k.startswith(ours_only)})
     path = str(tmp_path / filename)
     torch.save(official if nesting is None else {nesting: official, "epoch": 300}, path)
@@ -638,7 +639,7 @@ def test_code_executing_pickles_are_refused_and_never_run(tmp_path):
 def _cfg(*opts):
     cfg = load_config(os.path.join(REPO, "configs", "mask_rcnn_pvt_v2_b0.yaml"),
                       ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", *opts])
+                       "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.PVT_D2.PRETRAINED", "", *opts])
     return cfg
 
 
@@ -812,7 +813,8 @@ def test_gcvit_first_generation_mode_survives_a_detector_checkpoint(tmp_path):
     from pvt_d2.checkpoint import AtomicCheckpointer
 
     cfg = load_config(os.path.join(REPO, "configs", "retinanet_gcvit_xxt.yaml"),
-                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "OUTPUT_DIR", str(tmp_path)])
+                      ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32", "OUTPUT_DIR", str(tmp_path),
+                       "MODEL.PVT_D2.PRETRAINED", ""])
     trained = build_model(cfg)
     trained.backbone.bottom_up.first_generation_queries = True
     AtomicCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")

@@ -239,10 +239,10 @@ def test_solver_recipe(name, lr, wd, batch, max_iter, steps, warmup):
 
 
 def test_three_x_schedule_arithmetic():
-    from tools.generate_configs import COCO_TRAIN_IMAGES, iters_per_epoch, recipe
+    from pvt_d2.model_zoo.recipes import COCO_TRAIN_IMAGES, iters_per_epoch, recipe
 
     assert iters_per_epoch(16) == 7330 and COCO_TRAIN_IMAGES == 117266
-    r = recipe("pvt_v2_b2", "pvt_v2", "cascade_mask_rcnn_3x")
+    r = recipe("pvt_v2_b2", "cascade_mask_rcnn_3x")
     assert r["MAX_ITER"] == 36 * 7330 == 263880 and r["STEPS"] == (27 * 7330, 33 * 7330)
 
 
@@ -377,22 +377,22 @@ def test_augmentation_key_is_validated():
 
 @pytest.mark.slow
 def test_parameters_match_the_papers():
-    """Every detector whose size the papers publish (tools/model_zoo.py PUBLISHED_PARAMS), within 1.5%.
+    """Every detector whose size the papers publish (the manifests' ``published_params``), within 1.5%.
 
     40 models, parameters on the meta device. Twins' published counts include the ImageNet
     classifier its official detection backbone carries unused; it is added to ours for the comparison.
     """
-    from tools.model_zoo import PUBLISHED_PARAMS, twins_classifier_params
+    from pvt_d2.model_zoo.table import published_classifier_params, published_params
 
-    assert len(PUBLISHED_PARAMS) == 40
-    for name, paper in PUBLISHED_PARAMS.items():
+    assert len(published_params()) == 40
+    for name, paper in published_params().items():
         model = _meta_model(name + ".yaml")
         ours = sum(p.numel() for p in model.parameters())
         arch = _cfg(name + ".yaml").MODEL.PVT_D2.ARCH
-        comparable = (ours + twins_classifier_params(arch)) / 1e6
+        comparable = (ours + published_classifier_params(arch)) / 1e6
         assert abs(comparable - paper) / paper <= 0.015, (name, ours / 1e6, paper)
         if not name.startswith(("retinanet_twins", "mask_rcnn_twins")):
-            assert twins_classifier_params(arch) == 0
+            assert published_classifier_params(arch) == 0
 
 
 def test_cascade_stage_settings_are_validated():

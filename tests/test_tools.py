@@ -388,7 +388,7 @@ def test_model_zoo_numbers_come_from_the_code(tmp_path):
     from pvt_d2.config import load_config
     from pvt_d2.modeling import create_backbone
     from pvt_d2.utils.analysis import build_detector, count_parameters, flop_analysis, random_images
-    from tools import model_zoo
+    from pvt_d2.model_zoo import table as model_zoo
 
     entries = model_zoo.list_configs(only=["pvt_v2_b0"])
     assert [e["detector"] for e in entries] == list(model_zoo.DETECTORS)
@@ -399,7 +399,7 @@ def test_model_zoo_numbers_come_from_the_code(tmp_path):
     assert stats["gflops"] == pytest.approx(flop_analysis(backbone, (random_images(1, 64, 96),)).total() / 1e9)
     assert stats["latency_ms"] > 0 and stats["latency_passes"] == 1
     for name in ("retinanet_pvt_v2_b0", "mask_rcnn_pvt_v2_b0"):
-        cfg = load_config(os.path.join(CONFIGS, f"{name}.yaml"), ["MODEL.DEVICE", "cpu"])
+        cfg = load_config(os.path.join(CONFIGS, f"{name}.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.PVT_D2.PRETRAINED", ""])
         assert data["configs"][name]["detector_params"] == count_parameters(build_detector(cfg))
         assert data["configs"][name]["backbone_params"] == stats["params"]
 
@@ -420,13 +420,13 @@ def test_model_zoo_numbers_come_from_the_code(tmp_path):
 
 def test_model_zoo_published_ap_refers_to_real_configs():
     from pvt_d2.modeling import get_arch
-    from tools import model_zoo
+    from pvt_d2.model_zoo import table as model_zoo
 
     entries = model_zoo.list_configs()
     assert len(entries) == 4 * len({e["arch"] for e in entries}) and len(entries) >= 4 * 31
     assert not any(e["name"].startswith("quickstart") for e in entries)
     have = {(e["arch"], e["detector"]) for e in entries}
-    for (arch, detector), ap in model_zoo.PUBLISHED_AP.items():
+    for (arch, detector), ap in model_zoo.published_ap().items():
         get_arch(arch)
         assert detector in model_zoo.DETECTORS or detector in model_zoo.EXTRA_DETECTORS
         if detector in model_zoo.DETECTORS:
@@ -435,7 +435,7 @@ def test_model_zoo_published_ap_refers_to_real_configs():
 
 
 def test_model_zoo_md_lists_every_config():
-    from tools import model_zoo
+    from pvt_d2.model_zoo import table as model_zoo
 
     path = os.path.join(REPO, "MODEL_ZOO.md")
     if not os.path.isfile(path):

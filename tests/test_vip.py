@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pvt_d2.checkpoint.convert import new_parameter_prefixes
 from pvt_d2.modeling.backbone import create_backbone
 from pvt_d2.modeling.backbone.key_mapping import CLASSIFIER_KEY_PREFIXES, drop_classifier_keys
 from pvt_d2.modeling.backbone.vip import (
@@ -218,7 +219,7 @@ def test_output_shape_and_params(name):
         assert shapes[lvl].stride == STRIDES[lvl]
     # The pretrained part is exactly the seed's classifier minus its head and final norm ...
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not k.startswith(VisionPermutator.new_parameter_prefixes)}
+            if not k.startswith(new_parameter_prefixes("vip"))}
     seed = seed_state_dict_shapes(name)
     assert ours == {k: v for k, v in seed.items() if not k.startswith(CLASSIFIER_KEY_PREFIXES)}
     classifier = sum(math.prod(s) for s in seed.values()) / 1e6
@@ -403,7 +404,7 @@ def test_official_checkpoint_loads():
     ckpt = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     result = model.load_state_dict(drop_classifier_keys(ckpt), strict=False)
     assert not result.unexpected_keys
-    assert result.missing_keys and all(k.startswith(model.new_parameter_prefixes) for k in result.missing_keys)
+    assert result.missing_keys and all(k.startswith(new_parameter_prefixes("vip")) for k in result.missing_keys)
     assert {k.split(".")[1] for k in result.missing_keys} == {"res2", "res3"}
     assert torch.equal(model.network[1].proj.weight, ckpt["network.1.proj.weight"])
     assert torch.equal(model.patch_embed.proj.weight, ckpt["patch_embed.proj.weight"])

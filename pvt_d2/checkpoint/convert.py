@@ -12,8 +12,8 @@ The pipeline:
 4. :func:`load_converted` checks it against the backbone: a checkpoint of
    another family or variant is refused naming both; every backbone key must
    be loaded except the modules the backbone adds on top of the classifier
-   (``new_parameter_prefixes``, the family's ``new_prefixes``, the optional
-   ``output_norms``); an unexpected key or a shape mismatch is an error. A
+   (the family mapping's ``new_prefixes`` and the optional ``output_norms``);
+   an unexpected key or a shape mismatch is an error. A
    table of loaded / new / dropped / missing / unexpected / mismatched keys
    is logged on the ``pvt_d2`` logger, and raised with the error.
 
@@ -51,6 +51,7 @@ __all__ = [
     "describe_backbone",
     "load_converted",
     "load_pretrained_backbone",
+    "new_parameter_prefixes",
     "save_for_detectron2",
 ]
 
@@ -346,8 +347,9 @@ def describe_backbone(backbone: PyramidBackbone) -> Tuple[str, Optional[str], Di
     return family, match_arch(family, hparams), hparams
 
 
-def _expected_new(backbone: nn.Module, mapping: FamilyMapping) -> Tuple[str, ...]:
-    return ALWAYS_NEW_PREFIXES + tuple(mapping.new_prefixes) + tuple(getattr(backbone, "new_parameter_prefixes", ()))
+def new_parameter_prefixes(family: str) -> Tuple[str, ...]:
+    """State-dict prefixes of the backbone parameters that no ImageNet checkpoint of ``family`` has."""
+    return ALWAYS_NEW_PREFIXES + tuple(get_mapping(family).new_prefixes)
 
 
 def load_converted(backbone: PyramidBackbone, converted: ConvertedCheckpoint,
@@ -373,7 +375,7 @@ def load_converted(backbone: PyramidBackbone, converted: ConvertedCheckpoint,
         model_state.pop(flag, None)
         if flag in weights:
             model_state[flag] = weights[flag]
-    new_prefixes = _expected_new(backbone, mapping)
+    new_prefixes = new_parameter_prefixes(family)
     absent = [k for k in model_state if k not in weights]
     is_new = [k.startswith(new_prefixes) or k.endswith(".num_batches_tracked") for k in absent]
     mismatched = [(k, tuple(weights[k].shape), tuple(model_state[k].shape))

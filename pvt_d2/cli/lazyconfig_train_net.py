@@ -46,7 +46,8 @@ from pvt_d2.config import ConfigError
 from pvt_d2.data import BadImageError, DatasetError, DatasetNotFoundError, prepare_datasets
 from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
 from pvt_d2.engine.trainer import NonFiniteLossError, create_ddp_model
-from pvt_d2.lazy import check_lazy_datasets, check_lazy_num_classes, dataset_names, setup_lazy_datasets
+from pvt_d2.lazy import (check_lazy_datasets, check_lazy_num_classes, dataset_names, setup_lazy_datasets,
+                         skip_imagenet_weights)
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, CheckpointError, NonFiniteLossError,
                OutputDirError)
@@ -99,16 +100,15 @@ def do_test(cfg, model):
 def build_training(cfg):
     """``(model, optimizer, train_loader)`` of a LazyConfig, built in ``pvt-d2-quickstart``'s order.
 
-    Model (then the optional ImageNet backbone weights), optimizer, data loader:
+    Model (the backbone loads its ImageNet weights, ``pretrained``, unless
+    ``train.init_checkpoint`` names a whole detector), optimizer, data loader:
     the order in which detectron2's ``DefaultTrainer`` (and pvt_d2's
     ``Trainer``) draws from the random generators, so the same seed gives the
     same initial weights and the same image order and augmentations.
     """
+    if cfg.train.init_checkpoint:  # its weights replace the ImageNet ones: these are not fetched
+        skip_imagenet_weights(cfg.model)
     model = instantiate(cfg.model).to(cfg.train.device)
-    if cfg.train.get("pretrained"):
-        from pvt_d2.checkpoint import load_pretrained_backbone
-
-        load_pretrained_backbone(model, cfg.train.pretrained)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
@@ -157,6 +157,7 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        skip_imagenet_weights(cfg.model)  # train.init_checkpoint replaces them
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
         AtomicCheckpointer(model, strict=True).resume_or_load(cfg.train.init_checkpoint, resume=False)

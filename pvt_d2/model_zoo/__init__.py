@@ -13,6 +13,11 @@ LazyConfig twin::
 
 pvt_d2 publishes ImageNet backbones only, no trained detectors: a detector
 comes from training one of these configs.
+
+The configs are written from the family manifests
+(:mod:`pvt_d2.modeling.backbone.manifest`) by :mod:`.generate` with the
+training recipe of :mod:`.recipes`; :mod:`.table` writes ``MODEL_ZOO.md``
+(``tools/generate_configs.py`` and ``tools/model_zoo.py`` run them).
 """
 import os
 from typing import List, Optional, Sequence

@@ -1,4 +1,4 @@
-"""Backbones. One file per family; importing this package registers them all.
+"""Backbones. One file per family, ending with its manifest; importing this package registers them all.
 
 - ``pvt.py``      PVT v1 (pvt_tiny ... pvt_large)
 - ``pvt_v2.py``   PVT v2 (pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li)
@@ -10,10 +10,15 @@
 - ``layers.py``   shared helpers (padding, windows, position embeddings, SRA, MLP, Linear)
 - ``key_mapping.py`` checkpoint-mapping pieces; each family file ends with its own mapping
 - ``registry.py`` architecture names -> models, and the detectron2 builders
+- ``manifest.py`` the facts of each family (variants, weights, detection, published numbers)
+
+:data:`FAMILY_MODULES` is the one list of family files (their order is the
+model zoo's); adding a family: ``docs/ADDING_A_FAMILY.md``.
 """
 import importlib
 
 from .base import PyramidBackbone
+from .manifest import FamilyManifest, families, get_family, get_variant, register_family, variants
 from .registry import (
     build_pvt_d2_backbone,
     build_pvt_d2_fpn_backbone,
@@ -25,21 +30,25 @@ from .registry import (
 )
 
 __all__ = [
+    "FAMILY_MODULES",
+    "FamilyManifest",
     "PyramidBackbone",
     "build_pvt_d2_backbone",
     "build_pvt_d2_fpn_backbone",
     "build_pvt_d2_retinanet_fpn_backbone",
     "create_backbone",
+    "families",
     "get_arch",
+    "get_family",
+    "get_variant",
     "list_architectures",
     "register_architectures",
+    "register_family",
+    "variants",
 ]
 
-# Family modules register their variants on import. A family whose file is not
-# present yet is simply absent from the registry.
-for _family in ("pvt", "pvt_v2", "twins", "gcvit", "levit", "vip"):
-    try:
-        importlib.import_module(f"{__name__}.{_family}")
-    except ModuleNotFoundError as e:  # pragma: no cover - only while a family is missing
-        if e.name != f"{__name__}.{_family}":
-            raise
+#: The family files; each registers its manifest (:func:`register_family`) on import.
+FAMILY_MODULES = ("pvt", "pvt_v2", "twins", "gcvit", "levit", "vip")
+
+for _family in FAMILY_MODULES:
+    importlib.import_module(f"{__name__}.{_family}")

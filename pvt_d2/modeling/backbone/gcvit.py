@@ -117,7 +117,7 @@ from .key_mapping import (
     register_mapping,
     shape_at,
 )
-from .registry import register_architectures
+from .manifest import FamilyManifest, Option, Variant, Weights, register_family
 
 __all__ = [
     "FIRST_GENERATION_QUERIES_KEY",
@@ -704,17 +704,6 @@ class GCViT(PyramidBackbone):
         return self.run_stages(self.stem(x), self.stages, needed)
 
 
-_SMALL = dict(depths=(3, 4, 19, 5), mlp_ratio=2.0, layer_scale=1e-5)
-GCVIT_ARCHS = {
-    "gcvit_xxtiny": dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
-    "gcvit_xtiny": dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16)),
-    "gcvit_tiny": dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16)),
-    "gcvit_small": dict(_SMALL, embed_dim=96, num_heads=(3, 6, 12, 24)),
-    "gcvit_base": dict(_SMALL, embed_dim=128, num_heads=(4, 8, 16, 32)),
-}
-register_architectures("gcvit", GCViT, GCVIT_ARCHS)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: NVlabs/GCVit models/gc_vit.py, and timm's gcvit (= ours)
 # ---------------------------------------------------------------------------
@@ -810,3 +799,57 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
                       r"^stages\.0\.blocks\.0\.attn\.rel_pos\.relative_position_bias_table$")},
     converters={"official": convert_official, "timm": dropping("head.")},
     hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Variants: architecture, ImageNet weights, detection and published numbers
+# ---------------------------------------------------------------------------
+_CONFIGS = "NVlabs/GCVit detection/configs/gcvit/"
+_SMALL = dict(depths=(3, 4, 19, 5), mlp_ratio=2.0, layer_scale=1e-5)
+_TINY_CONFIGS = {"mask_rcnn_3x": _CONFIGS + "mask_rcnn_gcvit_tiny_3x_coco.py",
+                 "cascade_mask_rcnn_3x": _CONFIGS + "cascade_mask_rcnn_gcvit_tiny_3x_coco.py"}
+
+
+def _weights(file: str) -> Weights:
+    """NVIDIA's weights as timm re-publishes them (NVlabs/GCVit links Google Drive and nvidia/GCViT on Hugging Face)."""
+    return Weights(f"https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights-morevit/{file}.pth",
+                   f"{file}.pth", "timm",
+                   note="NVlabs/GCVit links Google Drive and nvidia/GCViT on Hugging Face; timm's direct copy")
+
+
+def _valid_windows(windows) -> bool:
+    """``MODEL.PVT_D2.GCVIT.WINDOW_SIZES``: ``[]`` or one positive integer per stage."""
+    return not windows or (len(windows) == 4 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in windows))
+
+
+MANIFEST = register_family(FamilyManifest(
+    GCViT, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("gcvit_xxtiny", dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
+                _weights("gcvit_xxtiny_224_nvidia-d1d86009"), short="gcvit_xxt", drop_path=0.2),
+        Variant("gcvit_xtiny", dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16)),
+                _weights("gcvit_xtiny_224_nvidia-274b92b7"), short="gcvit_xt", drop_path=0.2),
+        # drop path: NVlabs/GCVit gcvit/*_gcvit_tiny_3x_coco.py
+        Variant("gcvit_tiny", dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16)),
+                _weights("gcvit_tiny_224_nvidia-ac783954"), short="gcvit_t", drop_path=0.2,
+                official_configs=_TINY_CONFIGS,
+                published_ap={"mask_rcnn_3x": "47.9 / 43.2", "cascade_mask_rcnn_3x": "51.6 / 44.6"},
+                published_params={"mask_rcnn_3x": 48.0, "cascade_mask_rcnn_3x": 85.0}),
+        Variant("gcvit_small", dict(_SMALL, embed_dim=96, num_heads=(3, 6, 12, 24)),
+                _weights("gcvit_small_224_nvidia-4e98afa2"), short="gcvit_s", drop_path=0.3,
+                published_ap={"cascade_mask_rcnn_3x": "52.4 / 45.4"},
+                published_params={"cascade_mask_rcnn_3x": 108.0}),
+        Variant("gcvit_base", dict(_SMALL, embed_dim=128, num_heads=(4, 8, 16, 32)),
+                _weights("gcvit_base_224_nvidia-f009139b"), short="gcvit_b", drop_path=0.5,
+                published_ap={"cascade_mask_rcnn_3x": "52.9 / 45.8"},
+                published_params={"cascade_mask_rcnn_3x": 146.0}),
+    ),
+    options=(Option("WINDOW_SIZES", check=_valid_windows,
+                    allowed="give [] (the ImageNet windows) or 4 positive integers, one per stage"),),
+    # the official detection code's window 24 in every stage (NVlabs/GCVit detection/configs/gcvit/*.py)
+    detection_cfg={"GCVIT.WINDOW_SIZES": [24, 24, 24, 24]},
+    recipe={"3x": {"WARMUP_ITERS": 2500}},  # NVlabs/GCVit schedule_3x.py
+    modelled_on=_TINY_CONFIGS,
+    paper='A. Hatamizadeh et al., "Global Context Vision Transformers", ICML 2023',
+    cite="Hatamizadeh et al., ICML 2023", params_source="NVlabs/GCVit detection/README.md"))

@@ -21,8 +21,8 @@ and, for the family as a whole:
   class defaults by :func:`resolved_kwargs`), so a checkpoint can be matched
   to a variant name and refused when it is another variant;
 * ``new_prefixes``: backbone parameters that no ImageNet checkpoint has
-  (expected missing), besides those a model lists itself in
-  ``new_parameter_prefixes``.
+  (expected missing), besides the optional output norms of every backbone
+  (:func:`pvt_d2.checkpoint.convert.new_parameter_prefixes`).
 
 Tables that depend on the pretraining image size (PVT v1 position
 embeddings, GC ViT relative position tables, LeViT attention biases) are

@@ -72,7 +72,7 @@ from torch import nn
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
 from .layers import FUSED_ACTIVATIONS, Linear, crop_to, inference_inplace, is_tracing, packed_linear, to_contiguous
 from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
-from .registry import register_architectures
+from .manifest import FamilyManifest, Option, Variant, Weights, register_family
 
 __all__ = [
     "FrozenBatchNorm1d",
@@ -835,18 +835,6 @@ class LevitBackbone(PyramidBackbone):
         return {name: y.permute(0, 3, 1, 2) if LEVEL_NAMES.index(name) >= 2 else y for name, y in levels.items()}
 
 
-LEVIT_ARCHS = {
-    "levit_128s": dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depths=(2, 3, 4)),
-    "levit_128": dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depths=(4, 4, 4)),
-    "levit_192": dict(embed_dims=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depths=(4, 4, 4)),
-    "levit_256": dict(embed_dims=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depths=(4, 4, 4)),
-    "levit_384": dict(embed_dims=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depths=(4, 4, 4),
-                      drop_path_rate=0.1),
-}
-
-register_architectures("levit", LevitBackbone, LEVIT_ARCHS)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: facebookresearch/LeViT levit.py, and timm's levit (= ours)
 # ---------------------------------------------------------------------------
@@ -944,3 +932,29 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
              "timm": (r"^stem\.conv1\.linear\.weight$", r"^stages\.0\.blocks\.0\.attn\.attention_biases$")},
     converters={"official": convert_official, "timm": convert_timm},
     hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Variants: architecture, ImageNet weights (facebookresearch/LeViT levit.py)
+# ---------------------------------------------------------------------------
+def _weights(file: str) -> Weights:
+    return Weights(f"https://dl.fbaipublicfiles.com/LeViT/{file}.pth", f"{file}.pth")
+
+
+MANIFEST = register_family(FamilyManifest(
+    LevitBackbone, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("levit_128s", dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depths=(2, 3, 4)),
+                _weights("LeViT-128S-96703c44"), short="levit_128s", drop_path=0.0),
+        Variant("levit_128", dict(embed_dims=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depths=(4, 4, 4)),
+                _weights("LeViT-128-b88c2750"), short="levit_128", drop_path=0.0),
+        Variant("levit_192", dict(embed_dims=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depths=(4, 4, 4)),
+                _weights("LeViT-192-92712e41"), short="levit_192", drop_path=0.0),
+        Variant("levit_256", dict(embed_dims=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depths=(4, 4, 4)),
+                _weights("LeViT-256-13b5763e"), short="levit_256", drop_path=0.0),
+        Variant("levit_384", dict(embed_dims=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depths=(4, 4, 4),
+                                  drop_path_rate=0.1),
+                _weights("LeViT-384-9bdaf2e2"), short="levit_384", drop_path=0.1),
+    ),
+    levels=LEVEL_NAMES,
+    options=(Option("ATTN_MODE", choices=ATTN_MODES), Option("NORM", choices=NORMS))))

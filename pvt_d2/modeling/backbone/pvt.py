@@ -41,7 +41,7 @@ from .key_mapping import (
     regex_renamer,
     register_mapping,
 )
-from .registry import register_architectures
+from .manifest import FamilyManifest, Variant, Weights, register_family
 
 __all__ = ["Mlp", "PVTBlock", "PyramidVisionTransformer"]
 
@@ -168,15 +168,6 @@ class PyramidVisionTransformer(PyramidBackbone):
         return self.run_stages(x, self.stages, needed)
 
 
-PVT_ARCHS = {
-    "pvt_tiny": dict(depths=(2, 2, 2, 2)),
-    "pvt_small": dict(depths=(3, 4, 6, 3)),
-    "pvt_medium": dict(depths=(3, 4, 18, 3)),
-    "pvt_large": dict(depths=(3, 8, 27, 3)),
-}
-register_architectures("pvt", PyramidVisionTransformer, PVT_ARCHS)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: whai362/PVT classification/pvt.py, and ours (timm has no PVT v1)
 # ---------------------------------------------------------------------------
@@ -200,3 +191,39 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
              "pvt_d2": (r"^stages\.0\.patch_embed\.proj\.weight$", r"^stages\.0\.pos_embed\.weight$")},
     converters={"official": convert_official, "pvt_d2": identity},
     hparams=hparams_of_state_dict, hparams_of_kwargs=pyramid_hparams_of_kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Variants: architecture, ImageNet weights (whai362/PVT release v2), detection and published numbers
+# ---------------------------------------------------------------------------
+_CONFIGS = "whai362/PVT detection/configs/"
+_WEIGHTS = Weights("https://github.com/whai362/PVT/releases/download/v2/{arch}.pth", "{arch}.pth")
+
+MANIFEST = register_family(FamilyManifest(
+    PyramidVisionTransformer, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("pvt_tiny", dict(depths=(2, 2, 2, 2)), _WEIGHTS, short="pvt_t", drop_path=0.1, official_name="pvt_t",
+                published_ap={"retinanet_1x": "36.7", "retinanet_3x": "39.4", "mask_rcnn_1x": "36.7 / 35.1",
+                              "mask_rcnn_3x": "39.8 / 37.4"},
+                published_params={"retinanet_1x": 23.0, "mask_rcnn_1x": 32.9}),
+        Variant("pvt_small", dict(depths=(3, 4, 6, 3)), _WEIGHTS, short="pvt_s", drop_path=0.1, official_name="pvt_s",
+                published_ap={"retinanet_1x": "40.4", "retinanet_3x": "42.2", "mask_rcnn_1x": "40.4 / 37.8",
+                              "mask_rcnn_3x": "43.0 / 39.9"},
+                published_params={"retinanet_1x": 34.2, "mask_rcnn_1x": 44.1}),
+        # whai362/PVT detection/pvt.py: pvt_medium / pvt_large set no drop path
+        Variant("pvt_medium", dict(depths=(3, 4, 18, 3)), _WEIGHTS, short="pvt_m", drop_path=0.0,
+                official_name="pvt_m",
+                published_ap={"retinanet_1x": "41.9", "retinanet_3x": "43.2", "mask_rcnn_1x": "42.0 / 39.0",
+                              "mask_rcnn_3x": "44.2 / 40.5"},
+                published_params={"retinanet_1x": 53.9, "mask_rcnn_1x": 63.9}),
+        Variant("pvt_large", dict(depths=(3, 8, 27, 3)), _WEIGHTS, short="pvt_l", drop_path=0.0, official_name="pvt_l",
+                small_batch=("mask_rcnn_1x",),
+                published_ap={"retinanet_1x": "42.6", "retinanet_3x": "43.4", "mask_rcnn_1x": "42.9 / 39.5",
+                              "mask_rcnn_3x": "44.5 / 40.7"},
+                published_params={"retinanet_1x": 71.1, "mask_rcnn_1x": 81.0}),
+    ),
+    official_configs={"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco.py",
+                      "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco.py"},
+    paper='W. Wang et al., "Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without '
+          'Convolutions", ICCV 2021',
+    cite="Wang et al., ICCV 2021", params_source="PVT v1 Table 3"))

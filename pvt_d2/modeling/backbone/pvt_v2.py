@@ -29,7 +29,7 @@ from .key_mapping import (
     register_mapping,
     shape_at,
 )
-from .registry import register_architectures
+from .manifest import FamilyManifest, Variant, Weights, register_family
 
 __all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
 
@@ -108,19 +108,6 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         return self.run_stages(self.patch_embed(x), self.stages, needed)
 
 
-_B = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
-PVT_V2_ARCHS = {
-    "pvt_v2_b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), mlp_ratios=(8, 8, 4, 4)),
-    "pvt_v2_b1": dict(_B, depths=(2, 2, 2, 2)),
-    "pvt_v2_b2": dict(_B, depths=(3, 4, 6, 3)),
-    "pvt_v2_b2_li": dict(_B, depths=(3, 4, 6, 3), linear=True),
-    "pvt_v2_b3": dict(_B, depths=(3, 4, 18, 3)),
-    "pvt_v2_b4": dict(_B, depths=(3, 8, 27, 3)),
-    "pvt_v2_b5": dict(_B, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
-}
-register_architectures("pvt_v2", PyramidVisionTransformerV2, PVT_V2_ARCHS)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: whai362/PVT pvt_v2.py, and timm's pvt_v2 (= ours)
 # ---------------------------------------------------------------------------
@@ -156,3 +143,52 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
              "timm": (r"^patch_embed\.proj\.weight$", r"^stages\.0\.blocks\.0\.mlp\.dwconv\.weight$")},
     converters={"official": convert_official, "timm": dropping("head.")},
     hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Variants: architecture, ImageNet weights (whai362/PVT release v2), detection and published numbers
+# ---------------------------------------------------------------------------
+_CONFIGS = "whai362/PVT detection/configs/"
+_WEIGHTS = Weights("https://github.com/whai362/PVT/releases/download/v2/{arch}.pth", "{arch}.pth")
+_B = dict(embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
+_SMALL_BATCH = ("retinanet_1x", "mask_rcnn_1x")
+
+MANIFEST = register_family(FamilyManifest(
+    PyramidVisionTransformerV2, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("pvt_v2_b0", dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), mlp_ratios=(8, 8, 4, 4)),
+                _WEIGHTS, short="pvt_v2_b0", drop_path=0.1,
+                published_ap={"retinanet_1x": "37.2", "mask_rcnn_1x": "38.2 / 36.2"},
+                published_params={"retinanet_1x": 13.0, "mask_rcnn_1x": 23.5}),
+        Variant("pvt_v2_b1", dict(_B, depths=(2, 2, 2, 2)), _WEIGHTS, short="pvt_v2_b1", drop_path=0.1,
+                published_ap={"retinanet_1x": "41.2", "mask_rcnn_1x": "41.8 / 38.8"},
+                published_params={"retinanet_1x": 23.8, "mask_rcnn_1x": 33.7}),
+        Variant("pvt_v2_b2", dict(_B, depths=(3, 4, 6, 3)), _WEIGHTS, short="pvt_v2_b2", drop_path=0.1,
+                official_configs={
+                    "mask_rcnn_3x": _CONFIGS + "mask_rcnn_pvt_v2_b2_fpn_3x_mstrain.py",
+                    "cascade_mask_rcnn_3x": _CONFIGS + "cascade_mask_rcnn_pvt_v2_b2_fpn_3x_mstrain_fp16.py"},
+                published_ap={"retinanet_1x": "44.6", "mask_rcnn_1x": "45.3 / 41.2",
+                              "cascade_mask_rcnn_3x": "51.1 / 44.4"},
+                published_params={"retinanet_1x": 35.1, "mask_rcnn_1x": 45.0, "cascade_mask_rcnn_3x": 83.0}),
+        Variant("pvt_v2_b2_li", dict(_B, depths=(3, 4, 6, 3), linear=True), _WEIGHTS, short="pvt_v2_b2_li",
+                drop_path=0.1,
+                official_configs={
+                    "mask_rcnn_3x": _CONFIGS + "mask_rcnn_pvt_v2_b2_li_fpn_3x_mstrain.py",
+                    "cascade_mask_rcnn_3x": _CONFIGS + "cascade_mask_rcnn_pvt_v2_b2_li_fpn_3x_mstrain_fp16.py"},
+                published_ap={"retinanet_1x": "43.6", "mask_rcnn_1x": "44.1 / 40.5",
+                              "cascade_mask_rcnn_3x": "50.9 / 44.0"},
+                published_params={"retinanet_1x": 32.3, "mask_rcnn_1x": 42.2, "cascade_mask_rcnn_3x": 80.0}),
+        Variant("pvt_v2_b3", dict(_B, depths=(3, 4, 18, 3)), _WEIGHTS, short="pvt_v2_b3", drop_path=0.1,
+                published_ap={"retinanet_1x": "45.9", "mask_rcnn_1x": "47.0 / 42.5"},
+                published_params={"retinanet_1x": 55.0, "mask_rcnn_1x": 64.9}),
+        Variant("pvt_v2_b4", dict(_B, depths=(3, 8, 27, 3)), _WEIGHTS, short="pvt_v2_b4", drop_path=0.1,
+                small_batch=_SMALL_BATCH, published_params={"retinanet_1x": 72.3, "mask_rcnn_1x": 82.2}),
+        Variant("pvt_v2_b5", dict(_B, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)), _WEIGHTS, short="pvt_v2_b5",
+                drop_path=0.1, small_batch=_SMALL_BATCH,
+                published_params={"retinanet_1x": 91.7, "mask_rcnn_1x": 101.6}),
+    ),
+    official_configs={"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco.py",
+                      "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco.py"},
+    paper='W. Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer", Computational Visual '
+          'Media 2022',
+    cite="Wang et al., CVMJ 2022", params_source="PVT v2 Tables 3-4"))

@@ -1,10 +1,11 @@
 """How an architecture name in a config becomes a backbone.
 
-Each family file registers its variants with :func:`register_architectures`,
-mapping a name such as ``"pvt_small"`` to its model class and constructor
-arguments. A config names one with ``MODEL.PVT_D2.ARCH``; the detectron2
-builders at the bottom of this file (``MODEL.BACKBONE.NAME``) turn the config
-into the plain backbone, an FPN (P2-P6) or a RetinaNet FPN (P3-P7).
+Each family file's manifest (:func:`~.manifest.register_family`) registers its
+variants with :func:`register_architectures`, mapping a name such as
+``"pvt_small"`` to its model class and constructor arguments. A config
+names one with ``MODEL.PVT_D2.ARCH``; the detectron2 builders at the bottom
+of this file (``MODEL.BACKBONE.NAME``) turn the config into the plain backbone,
+an FPN (P2-P6) or a RetinaNet FPN (P3-P7).
 """
 import weakref
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 __all__ = [
     "ArchSpec",
     "register_architectures",
+    "unregister_architectures",
     "get_arch",
     "list_architectures",
     "create_backbone",
@@ -59,6 +61,12 @@ def register_architectures(family: str, model_cls: Type, archs: Dict[str, Dict[s
         if name in _ARCHS:
             raise KeyError(f"architecture '{name}' is registered twice")
         _ARCHS[name] = ArchSpec(name, family, model_cls, dict(kwargs))
+
+
+def unregister_architectures(family: str) -> None:
+    """Forget every variant of ``family`` (see :func:`~.manifest.unregister_family`)."""
+    for name in [n for n, s in _ARCHS.items() if s.family == family]:
+        del _ARCHS[name]
 
 
 def list_architectures(family: Optional[str] = None):

@@ -73,7 +73,7 @@ from .key_mapping import (
     pyramid_hparams_of_kwargs,
     register_mapping,
 )
-from .registry import register_architectures
+from .manifest import FamilyManifest, Option, Variant, Weights, register_family
 
 __all__ = [
     "Twins",
@@ -344,21 +344,6 @@ class Twins(PyramidBackbone):
         return self.run_stages(x, stages, needed)
 
 
-_PCPVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
-              sr_ratios=(8, 4, 2, 1), window_sizes=None, extra_norm=False)
-_SVT = dict(mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7), extra_norm=True)
-
-register_architectures("twins", Twins, {
-    "twins_pcpvt_small": dict(_PCPVT, depths=(3, 4, 6, 3)),
-    "twins_pcpvt_base": dict(_PCPVT, depths=(3, 4, 18, 3)),
-    "twins_pcpvt_large": dict(_PCPVT, depths=(3, 8, 27, 3)),
-    "twins_svt_small": dict(_SVT, embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4)),
-    "twins_svt_base": dict(_SVT, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2)),
-    "twins_svt_large": dict(_SVT, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
-                            depths=(2, 2, 18, 2)),
-})
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: Meituan-AutoML/Twins gvt.py and timm's twins share our names
 # ---------------------------------------------------------------------------
@@ -382,3 +367,57 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
     hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs,
     # the per-stage LayerNorms of SVT's detection design are not in ImageNet classifiers
     new_prefixes=("norm_list.",)))
+
+
+# ---------------------------------------------------------------------------
+# Variants: architecture, ImageNet weights, detection and published numbers
+# ---------------------------------------------------------------------------
+_CONFIGS = "Meituan-AutoML/Twins detection/configs/"
+# the authors' README links Google Drive only (no direct download): timm's Hugging Face copies of the same weights
+_WEIGHTS = Weights("https://huggingface.co/timm/{arch}.in1k/resolve/main/model.safetensors", "{arch}.in1k.safetensors",
+                   "timm", note="the authors' README links Google Drive only; timm's copy of the same weights")
+_PCPVT = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+              sr_ratios=(8, 4, 2, 1), window_sizes=None, extra_norm=False)
+_SVT = dict(mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), window_sizes=(7, 7, 7, 7), extra_norm=True)
+_DROP_PATH = 0.2  # Twins detection/gvt.py: 0.2 for every variant
+
+MANIFEST = register_family(FamilyManifest(
+    Twins, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("twins_pcpvt_small", dict(_PCPVT, depths=(3, 4, 6, 3)), _WEIGHTS, short="twins_pcpvt_s",
+                drop_path=_DROP_PATH, official_name="pcpvt_s",
+                published_ap={"retinanet_1x": "43.0", "retinanet_3x": "45.2", "mask_rcnn_1x": "42.9 / 40.0",
+                              "mask_rcnn_3x": "46.8 / 42.6"},
+                published_params={"retinanet_1x": 34.4, "mask_rcnn_1x": 44.3}),
+        Variant("twins_pcpvt_base", dict(_PCPVT, depths=(3, 4, 18, 3)), _WEIGHTS, short="twins_pcpvt_b",
+                drop_path=_DROP_PATH, official_name="pcpvt_b",
+                published_ap={"retinanet_1x": "44.3", "retinanet_3x": "46.4", "mask_rcnn_1x": "44.6 / 40.9",
+                              "mask_rcnn_3x": "47.9 / 43.2"},
+                published_params={"retinanet_1x": 54.1, "mask_rcnn_1x": 64.0}),
+        Variant("twins_pcpvt_large", dict(_PCPVT, depths=(3, 8, 27, 3)), _WEIGHTS, short="twins_pcpvt_l",
+                drop_path=_DROP_PATH, official_name="pcpvt_l", official_configs={"mask_rcnn_3x": None},
+                published_params={"retinanet_1x": 71.2, "mask_rcnn_1x": 81.2}),
+        Variant("twins_svt_small", dict(_SVT, embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16),
+                                        depths=(2, 2, 10, 4)),
+                _WEIGHTS, short="twins_svt_s", drop_path=_DROP_PATH, official_name="alt_gvt_s",
+                published_ap={"retinanet_1x": "43.0", "retinanet_3x": "45.6", "mask_rcnn_1x": "43.4 / 40.3",
+                              "mask_rcnn_3x": "46.8 / 42.6"},
+                published_params={"retinanet_1x": 34.3, "mask_rcnn_1x": 44.0}),
+        Variant("twins_svt_base", dict(_SVT, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24),
+                                       depths=(2, 2, 18, 2)),
+                _WEIGHTS, short="twins_svt_b", drop_path=_DROP_PATH, official_name="alt_gvt_b",
+                published_ap={"retinanet_1x": "45.3", "retinanet_3x": "46.9", "mask_rcnn_1x": "45.2 / 41.5",
+                              "mask_rcnn_3x": "48.0 / 43.0"},
+                published_params={"retinanet_1x": 67.0, "mask_rcnn_1x": 76.3}),
+        Variant("twins_svt_large", dict(_SVT, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                                        depths=(2, 2, 18, 2)),
+                _WEIGHTS, short="twins_svt_l", drop_path=_DROP_PATH, official_name="alt_gvt_l",
+                published_params={"retinanet_1x": 110.9, "mask_rcnn_1x": 119.7}),
+    ),
+    official_configs={"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco_pvt_setting.py",
+                      "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco_pvt_setting.py",
+                      "mask_rcnn_3x": _CONFIGS + "mask_rcnn_{v}_fpn_3x_coco_swin_setting.py"},
+    modelled_on={"mask_rcnn_3x": _CONFIGS + "mask_rcnn_pcpvt_b_fpn_3x_coco_swin_setting.py"},
+    options=(Option("EXTRA_NORM", choices=(True, False), allowed="use None (the variant's default), True or False"),),
+    paper='X. Chu et al., "Twins: Revisiting the Design of Spatial Attention in Vision Transformers", NeurIPS 2021',
+    cite="Chu et al., NeurIPS 2021", params_source="Twins Table 5", published_params_include_classifier=True))

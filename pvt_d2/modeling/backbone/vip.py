@@ -50,8 +50,8 @@ manner of a simple feature pyramid: identity when the stage already has that
 stride, 2x2 stride-2 transposed convolutions (LayerNorm + GELU between two of
 them) to go finer, 2x2 max pooling (ceil mode) to go coarser; the result is
 cropped to ``ceil(H/stride) x ceil(W/stride)``. The transposed convolutions
-are new parameters (prefix ``necks.``) that an ImageNet checkpoint lacks; see
-:attr:`VisionPermutator.new_parameter_prefixes`.
+are new parameters (prefix ``necks.``) that an ImageNet checkpoint lacks (the
+checkpoint mapping's ``new_prefixes``).
 
 A ``256 x 256`` image is resized to ``224 x 224`` internally, so the stages
 see exactly the classifier's 224 px computation (token grid = segment_dim in
@@ -66,7 +66,7 @@ entries ``norm.*`` and ``head.*`` (:func:`~.key_mapping.drop_classifier_keys`).
 import functools
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ from .key_mapping import (
     register_mapping,
     shape_at,
 )
-from .registry import register_architectures
+from .manifest import FamilyManifest, Variant, Weights, register_family
 
 __all__ = [
     "VisionPermutator",
@@ -319,10 +319,6 @@ class VisionPermutator(PyramidBackbone):
             to the stage that produces ``res{k}``. The new necks are never frozen.
     """
 
-    #: State-dict prefixes of parameters that are new in the backbone and
-    #: therefore absent from an ImageNet checkpoint (expected missing keys).
-    new_parameter_prefixes: Tuple[str, ...] = ("necks.", "output_norms.")
-
     def __init__(self, layers: Sequence[int], embed_dims: Sequence[int], segment_dims: Sequence[int],
                  transitions: Sequence[bool], patch_size: int = 7, mlp_ratio: float = 3.0,
                  skip_lam: float = 1.0, qkv_bias: bool = False, grid_stride: Optional[int] = None,
@@ -435,22 +431,6 @@ class VisionPermutator(PyramidBackbone):
         return features
 
 
-def _vip(layers, embed_dims, segment_dims, transitions, patch_size) -> Dict[str, object]:
-    return dict(layers=layers, embed_dims=embed_dims, segment_dims=segment_dims,
-                transitions=transitions, patch_size=patch_size)
-
-
-#: The official variants (Hou et al.; Andrew-Qibin/VisionPermutator).
-VIP_ARCHS = {
-    "vip_s14": _vip((4, 3, 8, 3), (384, 384, 384, 384), (16, 16, 16, 16), (False, False, False, False), 14),
-    "vip_s7": _vip((4, 3, 8, 3), (192, 384, 384, 384), (32, 16, 16, 16), (True, False, False, False), 7),
-    "vip_m7": _vip((4, 3, 14, 3), (256, 256, 512, 512), (32, 32, 16, 16), (False, True, False, False), 7),
-    "vip_l7": _vip((8, 8, 16, 4), (256, 512, 512, 512), (32, 16, 16, 16), (True, False, False, False), 7),
-}
-
-register_architectures("vip", VisionPermutator, VIP_ARCHS)
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints: Andrew-Qibin/VisionPermutator models/vip.py names are ours
 # ---------------------------------------------------------------------------
@@ -482,4 +462,35 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
     "vip", "Vision Permutator",
     markers={"official": (r"^patch_embed\.proj\.weight$", r"^network\.0\.0\.attn\.mlp_h\.weight$")},
     converters={"official": dropping(*CLASSIFIER_KEY_PREFIXES)},
-    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs))
+    hparams=hparams_of_state_dict, hparams_of_kwargs=hparams_of_kwargs, new_prefixes=("necks.",)))
+
+
+# ---------------------------------------------------------------------------
+# Variants (Hou et al.; Andrew-Qibin/VisionPermutator) and their ImageNet weights
+# ---------------------------------------------------------------------------
+def _vip(layers, embed_dims, segment_dims, transitions, patch_size) -> Dict[str, object]:
+    return dict(layers=layers, embed_dims=embed_dims, segment_dims=segment_dims,
+                transitions=transitions, patch_size=patch_size)
+
+
+def _drive(file_id: str) -> Weights:
+    """The authors' Google Drive file: timm has no ViP, so it is downloaded by hand into the cache."""
+    return Weights(f"https://drive.google.com/file/d/{file_id}/view?usp=sharing", "{arch}.pth", manual=True,
+                   note="the authors' README links Google Drive only and timm has no ViP: download by hand into "
+                        "the cache")
+
+
+MANIFEST = register_family(FamilyManifest(
+    VisionPermutator, CHECKPOINT_MAPPING,
+    variants=(
+        Variant("vip_s14", _vip((4, 3, 8, 3), (384, 384, 384, 384), (16, 16, 16, 16), (False, False, False, False), 14),
+                Weights("", "{arch}.pth", note="ViP-Small/14 appears in the paper but its weights were never "
+                                               "released: trained from scratch"),
+                short="vip_s14", drop_path=0.1),
+        Variant("vip_s7", _vip((4, 3, 8, 3), (192, 384, 384, 384), (32, 16, 16, 16), (True, False, False, False), 7),
+                _drive("1cX6eauDrsGsLSZnqsX7cl0oiKX8Dzv5z"), short="vip_s7", drop_path=0.1),
+        Variant("vip_m7", _vip((4, 3, 14, 3), (256, 256, 512, 512), (32, 32, 16, 16), (False, True, False, False), 7),
+                _drive("15y5WMypthpbBFdc01E3mJCZit7q0Yn8m"), short="vip_m7", drop_path=0.1),
+        Variant("vip_l7", _vip((8, 8, 16, 4), (256, 512, 512, 512), (32, 16, 16, 16), (True, False, False, False), 7),
+                _drive("14F5IXGXmB_3jrwK33Efae-WEb5D_G85c"), short="vip_l7", drop_path=0.1),
+    )))
