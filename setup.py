@@ -41,6 +41,7 @@ COMMANDS = {
     "pvt-d2-benchmark-timm": "benchmark_timm:main",
     "pvt-d2-analyze": "analyze_model:main",
     "pvt-d2-plot-metrics": "plot_metrics:main",
+    "pvt-d2-report": "eval_report:main",
     "pvt-d2-visualize-data": "visualize_data:main",
     "pvt-d2-visualize-results": "visualize_json_results:main",
 }
