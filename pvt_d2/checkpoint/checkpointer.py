@@ -28,13 +28,34 @@ logger = logging.getLogger(__name__)
 _TABLE_ROWS = 20
 
 
+#: The training settings a checkpoint records, compared on ``--resume`` (changes are applied and logged).
+RESUME_SETTINGS = ("SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.GAMMA", "SOLVER.LR_SCHEDULER_NAME",
+                   "SOLVER.WARMUP_ITERS", "SOLVER.WARMUP_FACTOR", "SOLVER.IMS_PER_BATCH", "SOLVER.WEIGHT_DECAY",
+                   "SOLVER.MOMENTUM", "SOLVER.OPTIMIZER", "SOLVER.BACKBONE_MULTIPLIER")
+
+
+def _plain(value):
+    """A config value as plain data (tuples as lists), safe for ``torch.load(weights_only=True)``."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
 def run_info_from_config(cfg) -> Dict[str, Any]:
     """What a checkpoint records about its run, and what loading it checks: architecture, detector,
-    optimizer and schedule length."""
+    optimizer and schedule length, and the ``settings`` (:data:`RESUME_SETTINGS`) a resume compares."""
     info = {"meta_architecture": cfg.MODEL.META_ARCHITECTURE, "optimizer": str(cfg.SOLVER.get("OPTIMIZER", "SGD")),
             "max_iter": int(cfg.SOLVER.MAX_ITER)}
     if cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
         info["arch"] = cfg.MODEL.PVT_D2.ARCH
+    settings = {}
+    for key in RESUME_SETTINGS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None:
+            settings[key] = _plain(node)
+    info["settings"] = settings
     return info
 
 
@@ -76,6 +97,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.run_info = dict(run_info or {})
         self._strict_now = strict
         self._loading = ""
+        #: the run info recorded in the last checkpoint loaded ({} if it had none)
+        self.loaded_run_info: Dict[str, Any] = {}
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         resuming = resume and self.has_checkpoint()
@@ -137,6 +160,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _check_run_info(self, checkpoint) -> None:
         """Refuse a strict load of another architecture, and a resume that cannot continue."""
         saved = checkpoint.get(RUN_INFO_KEY)
+        self.loaded_run_info = dict(saved) if isinstance(saved, Mapping) else {}
         if not isinstance(saved, Mapping) or not self.run_info:
             return
         where = self._loading or "(file)"

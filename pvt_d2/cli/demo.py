@@ -91,8 +91,9 @@ def setup_cfg(args):
     declared = setup_custom_datasets(cfg, args.dataset, args.opts)
     if declared and not set(declared) & set(cfg.DATASETS.TEST):
         cfg.DATASETS.TEST = (declared[0],)  # its class names are drawn
-    if use_cpu_if_no_cuda(cfg):
-        logger.info("CUDA is not available: running on the CPU.")
+    device_note = use_cpu_if_no_cuda(cfg)
+    if device_note:
+        logger.info(device_note)
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.freeze()
@@ -132,9 +133,9 @@ class Demo:
         return np.ascontiguousarray(drawn[:, :, ::-1]), len(instances)
 
     def run_image(self, path: str, out_path: str) -> int:
-        from detectron2.data.detection_utils import read_image
+        from pvt_d2.data.mapper import read_image
 
-        bgr = read_image(path, format="BGR")  # applies the EXIF orientation
+        bgr = read_image(path, format="BGR")  # the data loader's reader: EXIF orientation, 16-bit, float, CMYK
         drawn, n = self.draw(bgr)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if not cv2.imwrite(out_path, drawn):

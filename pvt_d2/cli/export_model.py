@@ -268,7 +268,7 @@ def sample_image(cfg, path: str, height: int, width: int) -> torch.Tensor:
         return torch.randint(0, 256, (3, height, width), generator=g).float()
     if not os.path.isfile(path):
         raise ExportError(f"--sample-image {path}: no such file")
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     try:
         img = read_image(path, format=cfg.INPUT.FORMAT)

@@ -41,7 +41,7 @@ def _unique_path(out_dir: str, file_name: str, used: set) -> str:
 def iter_annotations(cfg, limit: int):
     """``(file_name, rgb)`` of the training records with their ground truth drawn."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     from pvt_d2.utils.visualize import draw_dataset_dict
 

@@ -60,7 +60,7 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
 
 def side_by_side(record: Dict, predictions: List[Dict], metadata, threshold: float) -> np.ndarray:
     """``[predictions | ground truth]`` for one dataset record, as an RGB image of ``H x 2W``."""
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     from pvt_d2.utils.visualize import draw_dataset_dict, draw_instances
 
