@@ -116,6 +116,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         what = self._loading or path
+        if path and not urlparse(path).scheme and os.path.isdir(path):
+            raise CheckpointError(f"Checkpoint {what} is a folder, not a checkpoint file: name the .pth / .pkl / "
+                                  f".safetensors file inside it.")
         if path and not urlparse(path).scheme and not os.path.isfile(path):
             raise CheckpointError(f"Checkpoint file not found: {what}. Check the path, or leave MODEL.WEIGHTS "
                                   f"empty to start from the initialisation.")
@@ -123,6 +126,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         except AssertionError as e:  # fvcore's "Checkpoint ... not found!" for paths resolved by PathManager
             raise CheckpointError(f"Cannot load checkpoint {what}: {e}") from None
+        except OSError as e:  # a URL that cannot be downloaded now (urllib's URLError is an OSError)
+            if not urlparse(path).scheme:
+                raise
+            reason = getattr(e, "reason", None) or e
+            raise CheckpointError(f"Cannot download checkpoint {what}: {reason}. Check the address and the network, "
+                                  f"or download the file yourself and give its local path.") from None
         finally:
             self._parsed_url_during_load = None  # detectron2 leaves it set after a failed load
 

@@ -34,6 +34,7 @@ from typing import List, Optional
 
 from pvt_d2.checkpoint import CheckpointError, convert_checkpoint, load_converted, save_for_detectron2
 from pvt_d2.modeling import create_backbone, list_architectures
+from pvt_d2.utils.output import OutputPathError, check_output_path
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -72,6 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = output_problem(args.input, args.output, args.force)
     if problem:
         print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
+    try:  # a missing folder is created, an unwritable one refused, before the conversion is done
+        check_output_path(args.output, "file", overwrite=args.force, what="the output", flag="--force")
+    except OutputPathError as e:
+        print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
         return 2
     try:
         converted = convert_checkpoint(args.input, arch=args.arch, layout=args.layout, key=args.key)

@@ -43,6 +43,7 @@ from pvt_d2.config import ConfigError, load_config
 from pvt_d2.data import DatasetError
 from pvt_d2.data.custom import setup_custom_datasets
 from pvt_d2.engine import use_cpu_if_no_cuda
+from pvt_d2.utils.output import OutputPathError, check_output_path
 from pvt_d2.engine.predictor import Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -281,6 +282,11 @@ def main(argv=None) -> int:
     conflicts = output_conflicts(args.input, paths, image_targets + video_targets, out, args.overwrite)
     if conflicts:
         print(f"ERROR: {'; '.join(conflicts)}. Nothing was written.", file=sys.stderr)
+        return 2
+    try:  # the folder (or the file's folder) exists and is writable before any model is built
+        check_output_path(out, "file" if (single_image_file or single_video_file) else "dir", what="--output")
+    except OutputPathError as e:
+        print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
         return 2
 
     try:

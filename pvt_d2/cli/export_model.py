@@ -44,6 +44,7 @@ import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, see 
 from torch import nn
 
 from pvt_d2.checkpoint import bottom_up_backbone
+from pvt_d2.utils.output import OutputPathError, check_output_path
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.utils.analysis import build_backbone, build_detector, parse_size
 
@@ -338,13 +339,15 @@ def _run(args) -> int:
     height, width = parse_size(args.size)
     checks = [parse_size(s) for s in args.check_sizes]
     path = os.path.join(args.output, f"{args.what}.{EXTENSIONS[args.format]}")
-    if os.path.exists(path) and not args.overwrite:
-        raise ExportError(f"{path} exists; pass --overwrite to replace it")
+    try:  # before the model is built and exported: a result is never computed and then lost
+        check_output_path(args.output, "dir", what="--output")
+        check_output_path(path, "file", overwrite=args.overwrite, what="the exported file")
+    except OutputPathError as e:
+        raise ExportError(str(e)) from None
     cfg = load_config(args.config_file, args.opts)
     image = sample_image(cfg, args.sample_image, height, width)
     torch.manual_seed(0)
     model = build(cfg, args.what)
-    os.makedirs(args.output, exist_ok=True)
 
     if args.what == "backbone":
         run_exported, how = export_backbone(model, args.format, normalize(cfg, image), path)
