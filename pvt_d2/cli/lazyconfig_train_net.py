@@ -47,6 +47,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -166,6 +167,9 @@ def load_lazy_config(path: str, overrides):
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
     except (OmegaConfBaseException, KeyError, ValueError, OverrideParseException) as e:
         raise ConfigError(f"Bad override in {list(overrides)}: {e}") from None
+    except NotImplementedError as e:  # detectron2: "deletion is not yet a supported override" (~key)
+        raise ConfigError(f"Bad override in {list(overrides)}: {e}; set the key to null instead (key=null).") \
+            from None
     _outputs_under_output_dir(cfg, overrides)
     cfg.train["_device_note"] = use_cpu_if_no_cuda_lazy(cfg)  # logged once by setup(), once logging is set up
     return cfg
@@ -231,7 +235,8 @@ def lazy_run_info(cfg) -> dict:
 
 
 def do_test(cfg, model):
-    if "evaluator" not in cfg.dataloader:
+    """Evaluate ``model`` with ``dataloader.evaluator`` (none, or ``dataloader.evaluator=null``: no evaluation)."""
+    if cfg.dataloader.get("evaluator") is None:
         return {}
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
@@ -309,6 +314,7 @@ def setup(args):
     setup_lazy_datasets(cfg, args.dataset, args.opts)
     note = cfg.train.pop("_device_note", "")
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="pvt_d2")
     if note:
         logger.info(note)
     prepare_datasets(_dataset_names(cfg, training=not args.eval_only))
