@@ -152,7 +152,8 @@ def test_interrupted_message_names_checkpoint_iteration_and_resume(tmp_path):
     class _Trainer:
         iter, max_iter = 17, 90
 
-    run.track_training(_Trainer())
+    trainer = _Trainer()
+    run.track_training(trainer)
     try:
         assert run.interrupted_message(signal.SIGINT, str(tmp_path)) == (
             "Training interrupted by SIGINT (Ctrl-C) at iteration 17 of 90. No checkpoint was written yet: run the "

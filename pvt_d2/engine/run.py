@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
@@ -87,8 +88,9 @@ _TRACKED: Dict[str, Any] = {"trainer": None}
 
 
 def track_training(trainer) -> None:
-    """Remember the trainer of this process, so that an interruption can say at which iteration it stopped."""
-    _TRACKED["trainer"] = trainer
+    """Remember (weakly) the trainer of this process, so that an interruption can say at which iteration it
+    stopped."""
+    _TRACKED["trainer"] = weakref.ref(trainer) if trainer is not None else None
 
 
 def _last_checkpoint(output_dir: str) -> Tuple[str, Optional[int]]:
@@ -110,7 +112,7 @@ def interrupted_message(signum: int, output_dir: str, *, evaluating: bool = Fals
     name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
     if evaluating:
         return f"Interrupted by {name} during evaluation; nothing was written. Run the same command again."
-    trainer = _TRACKED["trainer"]
+    trainer = _TRACKED["trainer"]() if _TRACKED["trainer"] is not None else None
     at = ""
     if trainer is not None and getattr(trainer, "iter", None) is not None:
         at = f" at iteration {trainer.iter} of {trainer.max_iter}"
@@ -418,12 +420,21 @@ def run_command(args, check: Callable, main: Callable, worker: Callable, output_
 
     Exit status: 0 done, 2 a user error, 130 / 143 SIGINT / SIGTERM, 1 a worker process that failed.
     """
+    previous = signal.getsignal(signal.SIGTERM)
+    install_signal_handlers()
+    try:
+        return _run_command(args, check, main, worker, output_dir_of, user_errors)
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # the caller's handler again (e.g. a test runner's)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args, check, main, worker, output_dir_of, user_errors) -> int:
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     from ..utils.output import OutputPathError, check_output_path
     from .output_dir import OutputDirLock
 
-    install_signal_handlers()
     output_dir = ""
     try:
         check_launch_args(args)
