@@ -73,5 +73,5 @@ def check_output_path(path: str, kind: str = "file", *, overwrite: bool = True, 
         raise OutputPathError(f"{what} {path} is an existing folder; name the file to write inside it.")
     _writable_folder(os.path.dirname(os.path.abspath(path)), what, path)
     if os.path.exists(path) and not overwrite:
-        raise OutputPathError(f"{what} {path} exists already; pass {flag} to replace it, or choose another name.")
+        raise OutputPathError(f"{what} {path} exists; pass {flag} to replace it, or choose another name.")
     return path
