@@ -74,8 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:
         print(f"ERROR: {problem}", file=sys.stderr)
         return 2
-    try:  # a missing folder is created, an unwritable one refused, before the conversion is done
-        check_output_path(args.output, "file", overwrite=args.force, what="the output", flag="--force")
+    try:  # an unwritable folder is refused before the conversion is done (a missing one is made to write)
+        check_output_path(args.output, "file", overwrite=args.force, what="the output", flag="--force", create=False)
     except OutputPathError as e:
         print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
         return 2
@@ -87,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{converted.family} variant ({', '.join(list_architectures(converted.family))}); wrong --layout? "
                 f"Pass --arch to see how it differs from one")
         report = load_converted(create_backbone(converted.arch), converted)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # checked writable above
         save_for_detectron2(converted, args.output)
     except CheckpointError as e:
         print(f"ERROR: {e}", file=sys.stderr)

@@ -284,7 +284,8 @@ def main(argv=None) -> int:
         print(f"ERROR: {'; '.join(conflicts)}. Nothing was written.", file=sys.stderr)
         return 2
     try:  # the folder (or the file's folder) exists and is writable before any model is built
-        check_output_path(out, "file" if (single_image_file or single_video_file) else "dir", what="--output")
+        check_output_path(out, "file" if (single_image_file or single_video_file) else "dir", what="--output",
+                          create=False)
     except OutputPathError as e:
         print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
         return 2

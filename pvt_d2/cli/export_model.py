@@ -340,14 +340,15 @@ def _run(args) -> int:
     checks = [parse_size(s) for s in args.check_sizes]
     path = os.path.join(args.output, f"{args.what}.{EXTENSIONS[args.format]}")
     try:  # before the model is built and exported: a result is never computed and then lost
-        check_output_path(args.output, "dir", what="--output")
-        check_output_path(path, "file", overwrite=args.overwrite, what="the exported file")
+        check_output_path(args.output, "dir", what="--output", create=False)
+        check_output_path(path, "file", overwrite=args.overwrite, what="the exported file", create=False)
     except OutputPathError as e:
         raise ExportError(str(e)) from None
     cfg = load_config(args.config_file, args.opts)
     image = sample_image(cfg, args.sample_image, height, width)
     torch.manual_seed(0)
     model = build(cfg, args.what)
+    os.makedirs(args.output, exist_ok=True)
 
     if args.what == "backbone":
         run_exported, how = export_backbone(model, args.format, normalize(cfg, image), path)

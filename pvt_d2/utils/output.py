@@ -15,9 +15,10 @@ class OutputPathError(ValueError):
     """An output path that cannot be written (or would replace a file without being asked); names the path."""
 
 
-def _writable_folder(folder: str, what: str, path: str) -> None:
-    """Create ``folder`` if missing and check that files can be created in it."""
-    probe = folder
+def _writable_folder(folder: str, what: str, path: str, create: bool = True) -> None:
+    """Create ``folder`` if missing (or, without ``create``, check its nearest existing parent) and check
+    that files can be created there."""
+    probe = os.path.abspath(folder)
     while probe and not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
@@ -25,10 +26,15 @@ def _writable_folder(folder: str, what: str, path: str) -> None:
         probe = parent
     if probe and os.path.exists(probe) and not os.path.isdir(probe):
         raise OutputPathError(f"{what} {path}: {probe} is a file, not a folder, so nothing can be written under it.")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"{what} {path}: cannot create the folder {folder} ({e.strerror or e}).") from None
+    if create:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise OutputPathError(f"{what} {path}: cannot create the folder {folder} ({e.strerror or e}).") from None
+    else:
+        folder = probe  # created by the tool when it writes; nothing is left behind if the work fails first
+    if not os.path.isdir(folder):
+        return
     try:  # a real write: os.access says yes to root on a read-only file system
         fd, probe = tempfile.mkstemp(prefix=".pvt_d2_write_test_", dir=folder)
         os.close(fd)
@@ -39,7 +45,7 @@ def _writable_folder(folder: str, what: str, path: str) -> None:
 
 
 def check_output_path(path: str, kind: str = "file", *, overwrite: bool = True, what: str = "output",
-                      flag: str = "--overwrite") -> str:
+                      flag: str = "--overwrite", create: bool = True) -> str:
     """Check (and prepare) a path a tool is about to write, before any work is done.
 
     Missing parent folders are created; a path of the wrong kind (a folder
@@ -53,6 +59,8 @@ def check_output_path(path: str, kind: str = "file", *, overwrite: bool = True, 
         overwrite: an existing file may be replaced (for ``kind="file"``).
         what: how the message names the path (e.g. ``"--output"``).
         flag: the option that allows replacing an existing file.
+        create: create missing folders now; with False they are only checked (the tool creates them when it
+            writes, so a run that fails before writing leaves no empty folder).
 
     Returns:
         ``path``.
@@ -67,11 +75,11 @@ def check_output_path(path: str, kind: str = "file", *, overwrite: bool = True, 
     if kind == "dir":
         if os.path.exists(path) and not os.path.isdir(path):
             raise OutputPathError(f"{what} {path} is an existing file, not a folder; choose a folder.")
-        _writable_folder(path, what, path)
+        _writable_folder(path, what, path, create)
         return path
     if os.path.isdir(path):
         raise OutputPathError(f"{what} {path} is an existing folder; name the file to write inside it.")
-    _writable_folder(os.path.dirname(os.path.abspath(path)), what, path)
+    _writable_folder(os.path.dirname(os.path.abspath(path)), what, path, create)
     if os.path.exists(path) and not overwrite:
         raise OutputPathError(f"{what} {path} exists; pass {flag} to replace it, or choose another name.")
     return path
