@@ -87,6 +87,36 @@ Safety (issue 13; asserted in ``tests/test_safety.py``)
  73-80. LEVIT.ATTN_MODE, LEVIT.NORM, GCVIT.WINDOW_SIZES, TWINS.EXTRA_NORM, OUT_FEATURES outside the
      architecture's levels, FREEZE_AT out of range, INPUT.FORMAT, PIXEL_MEAN length: ConfigError at load time
  81-83. missing _BASE_, _BASE_ cycle, YAML whose top level is a list: ConfigError naming the file
+Faults (issue 27; asserted in ``tests/test_faults.py``, shared code in ``pvt_d2/engine/run.py``)
+ 84. SIGINT (Ctrl-C) during training: "STOPPED: Training interrupted by SIGINT (Ctrl-C) at iteration N of M. The
+     last checkpoint is ... run the same command with --resume", exit 130, lock released, no traceback (slow)
+ 85. SIGTERM: the same with exit 143; --resume then reaches SOLVER.MAX_ITER from that checkpoint (slow)
+ 86. the interruption line names the trainer's iteration and last_checkpoint's file; none yet: start again;
+     during evaluation: nothing was written
+ 87. a worker of a multi-process run killed (SIGKILL: "often out of memory"), raising, or unable to bind the
+     rendezvous port: one message naming the process (rank, pid) and why, the others stopped; the failed
+     worker's traceback kept in OUTPUT_DIR/process_N_error.txt
+ 88. --num-gpus 0 (was ZeroDivisionError), --machine-rank out of range, a --dist-url port in use: one ERROR
+     before any process starts (both training commands)
+ 89. OUTPUT_DIR under a file or read-only (was a PermissionError traceback): one ERROR, the file unchanged (md5)
+ 90. resume after a divergence with a lower SOLVER.BASE_LR (the message's advice): every param group at the new
+     rate (the checkpoint's scheduler state no longer wins), changes logged old -> new, MAX_ITER reached (slow)
+ 91. resume without changes: learning rate and optimizer moments exactly the checkpoint's (slow)
+ 92. MODEL.DEVICE cpu with SOLVER.AMP.ENABLED (was "[AMPTrainer] CUDA is required"): AMP off, one log line
+ 93. an AMP config trains on the CPU with train_net and the LazyConfig command, the line logged once (slow)
+ 94. 8/16-bit, gray, palette, RGBA, LA, CMYK, float / int32 TIFF, EXIF-rotated: demo and data loader give the
+     model the same array, with the expected values (16-bit 30000 -> 117, float 0.5 -> 128)
+ 95. visualize_json_results and export --sample-image read with the same reader (16-bit drawn with contrast)
+ 96. LazyConfig --eval-only without train.init_checkpoint: refused (was a random model evaluated, exit 0)
+ 97. LazyConfig: evaluator output under train.output_dir (was ./output/...); an override of a missing key
+     refused with the closest key ("did you mean train.max_iter?"); ~key a ConfigError (was NotImplementedError)
+ 98-99. LazyConfig divergence: the same one paragraph naming optimizer.lr and --resume; --resume with a new
+     optimizer.lr trains at that rate (metrics.json) and reaches train.max_iter (slow)
+ 100. demo / export / convert: an output under a file, or of the wrong kind, refused before any model is built;
+     missing folders created; files unchanged (md5)
+ 101. visualizers keep earlier drawings (md5) unless --overwrite
+ 102. MODEL.WEIGHTS / PRETRAINED as malformed or empty safetensors, a folder, an unreachable URL (was a URLError
+     traceback): CheckpointError naming the source
 """
 import contextlib
 import io

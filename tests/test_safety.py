@@ -150,7 +150,7 @@ def test_marker_pickle_never_runs_in_checkpointer_demo_convert(tmp_path, capsys)
         with pytest.raises(CheckpointError, match=f"Refusing to load {path}"):
             AtomicCheckpointer(model).resume_or_load(path, resume=False)
         capsys.readouterr()
-        rc = demo.main(["--config-file", QUICKSTART, "--input", str(photo), "--output", str(tmp_path / name),
+        rc = demo.main(["--config-file", QUICKSTART, "--input", str(photo), "--output", str(tmp_path / f"{name}_drawn"),
                         "--opts", *DEMO_OPTS, "MODEL.WEIGHTS", path])
         err = capsys.readouterr().err
         assert rc == 2 and f"ERROR: Refusing to load {path}" in err and "Traceback" not in err, err

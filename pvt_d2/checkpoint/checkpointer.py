@@ -28,13 +28,34 @@ logger = logging.getLogger(__name__)
 _TABLE_ROWS = 20
 
 
+#: The training settings a checkpoint records, compared on ``--resume`` (changes are applied and logged).
+RESUME_SETTINGS = ("SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.GAMMA", "SOLVER.LR_SCHEDULER_NAME",
+                   "SOLVER.WARMUP_ITERS", "SOLVER.WARMUP_FACTOR", "SOLVER.IMS_PER_BATCH", "SOLVER.WEIGHT_DECAY",
+                   "SOLVER.MOMENTUM", "SOLVER.OPTIMIZER", "SOLVER.BACKBONE_MULTIPLIER")
+
+
+def _plain(value):
+    """A config value as plain data (tuples as lists), safe for ``torch.load(weights_only=True)``."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
 def run_info_from_config(cfg) -> Dict[str, Any]:
     """What a checkpoint records about its run, and what loading it checks: architecture, detector,
-    optimizer and schedule length."""
+    optimizer and schedule length, and the ``settings`` (:data:`RESUME_SETTINGS`) a resume compares."""
     info = {"meta_architecture": cfg.MODEL.META_ARCHITECTURE, "optimizer": str(cfg.SOLVER.get("OPTIMIZER", "SGD")),
             "max_iter": int(cfg.SOLVER.MAX_ITER)}
     if cfg.MODEL.BACKBONE.NAME.startswith("build_pvt_d2"):
         info["arch"] = cfg.MODEL.PVT_D2.ARCH
+    settings = {}
+    for key in RESUME_SETTINGS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None:
+            settings[key] = _plain(node)
+    info["settings"] = settings
     return info
 
 
@@ -76,6 +97,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.run_info = dict(run_info or {})
         self._strict_now = strict
         self._loading = ""
+        #: the run info recorded in the last checkpoint loaded ({} if it had none)
+        self.loaded_run_info: Dict[str, Any] = {}
 
     def resume_or_load(self, path: str, *, resume: bool = True):
         resuming = resume and self.has_checkpoint()
@@ -93,6 +116,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def load(self, path: str, *args, **kwargs):
         what = self._loading or path
+        if path and not urlparse(path).scheme and os.path.isdir(path):
+            raise CheckpointError(f"Checkpoint {what} is a folder, not a checkpoint file: name the .pth / .pkl / "
+                                  f".safetensors file inside it.")
         if path and not urlparse(path).scheme and not os.path.isfile(path):
             raise CheckpointError(f"Checkpoint file not found: {what}. Check the path, or leave MODEL.WEIGHTS "
                                   f"empty to start from the initialisation.")
@@ -100,6 +126,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         except AssertionError as e:  # fvcore's "Checkpoint ... not found!" for paths resolved by PathManager
             raise CheckpointError(f"Cannot load checkpoint {what}: {e}") from None
+        except OSError as e:  # a URL that cannot be downloaded now (urllib's URLError is an OSError)
+            if not urlparse(path).scheme:
+                raise
+            reason = getattr(e, "reason", None) or e
+            raise CheckpointError(f"Cannot download checkpoint {what}: {reason}. Check the address and the network, "
+                                  f"or download the file yourself and give its local path.") from None
         finally:
             self._parsed_url_during_load = None  # detectron2 leaves it set after a failed load
 
@@ -137,6 +169,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _check_run_info(self, checkpoint) -> None:
         """Refuse a strict load of another architecture, and a resume that cannot continue."""
         saved = checkpoint.get(RUN_INFO_KEY)
+        self.loaded_run_info = dict(saved) if isinstance(saved, Mapping) else {}
         if not isinstance(saved, Mapping) or not self.run_info:
             return
         where = self._loading or "(file)"

@@ -34,6 +34,7 @@ from typing import List, Optional
 
 from pvt_d2.checkpoint import CheckpointError, convert_checkpoint, load_converted, save_for_detectron2
 from pvt_d2.modeling import create_backbone, list_architectures
+from pvt_d2.utils.output import OutputPathError, check_output_path
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -73,6 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:
         print(f"ERROR: {problem}", file=sys.stderr)
         return 2
+    try:  # an unwritable folder is refused before the conversion is done (a missing one is made to write)
+        check_output_path(args.output, "file", overwrite=args.force, what="the output", flag="--force", create=False)
+    except OutputPathError as e:
+        print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
+        return 2
     try:
         converted = convert_checkpoint(args.input, arch=args.arch, layout=args.layout, key=args.key)
         if converted.arch is None:
@@ -81,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{converted.family} variant ({', '.join(list_architectures(converted.family))}); wrong --layout? "
                 f"Pass --arch to see how it differs from one")
         report = load_converted(create_backbone(converted.arch), converted)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # checked writable above
         save_for_detectron2(converted, args.output)
     except CheckpointError as e:
         print(f"ERROR: {e}", file=sys.stderr)

@@ -43,6 +43,7 @@ from pvt_d2.config import ConfigError, load_config
 from pvt_d2.data import DatasetError
 from pvt_d2.data.custom import setup_custom_datasets
 from pvt_d2.engine import use_cpu_if_no_cuda
+from pvt_d2.utils.output import OutputPathError, check_output_path
 from pvt_d2.engine.predictor import Predictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -91,8 +92,9 @@ def setup_cfg(args):
     declared = setup_custom_datasets(cfg, args.dataset, args.opts)
     if declared and not set(declared) & set(cfg.DATASETS.TEST):
         cfg.DATASETS.TEST = (declared[0],)  # its class names are drawn
-    if use_cpu_if_no_cuda(cfg):
-        logger.info("CUDA is not available: running on the CPU.")
+    device_note = use_cpu_if_no_cuda(cfg)
+    if device_note:
+        logger.info(device_note)
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.freeze()
@@ -132,9 +134,9 @@ class Demo:
         return np.ascontiguousarray(drawn[:, :, ::-1]), len(instances)
 
     def run_image(self, path: str, out_path: str) -> int:
-        from detectron2.data.detection_utils import read_image
+        from pvt_d2.data.mapper import read_image
 
-        bgr = read_image(path, format="BGR")  # applies the EXIF orientation
+        bgr = read_image(path, format="BGR")  # the data loader's reader: EXIF orientation, 16-bit, float, CMYK
         drawn, n = self.draw(bgr)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if not cv2.imwrite(out_path, drawn):
@@ -280,6 +282,12 @@ def main(argv=None) -> int:
     conflicts = output_conflicts(args.input, paths, image_targets + video_targets, out, args.overwrite)
     if conflicts:
         print(f"ERROR: {'; '.join(conflicts)}. Nothing was written.", file=sys.stderr)
+        return 2
+    try:  # the folder (or the file's folder) exists and is writable before any model is built
+        check_output_path(out, "file" if (single_image_file or single_video_file) else "dir", what="--output",
+                          create=False)
+    except OutputPathError as e:
+        print(f"ERROR: {e} Nothing was written.", file=sys.stderr)
         return 2
 
     try:

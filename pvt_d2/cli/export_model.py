@@ -44,6 +44,7 @@ import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, see 
 from torch import nn
 
 from pvt_d2.checkpoint import bottom_up_backbone
+from pvt_d2.utils.output import OutputPathError, check_output_path
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.utils.analysis import build_backbone, build_detector, parse_size
 
@@ -268,7 +269,7 @@ def sample_image(cfg, path: str, height: int, width: int) -> torch.Tensor:
         return torch.randint(0, 256, (3, height, width), generator=g).float()
     if not os.path.isfile(path):
         raise ExportError(f"--sample-image {path}: no such file")
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     try:
         img = read_image(path, format=cfg.INPUT.FORMAT)
@@ -338,8 +339,11 @@ def _run(args) -> int:
     height, width = parse_size(args.size)
     checks = [parse_size(s) for s in args.check_sizes]
     path = os.path.join(args.output, f"{args.what}.{EXTENSIONS[args.format]}")
-    if os.path.exists(path) and not args.overwrite:
-        raise ExportError(f"{path} exists; pass --overwrite to replace it")
+    try:  # before the model is built and exported: a result is never computed and then lost
+        check_output_path(args.output, "dir", what="--output", create=False)
+        check_output_path(path, "file", overwrite=args.overwrite, what="the exported file", create=False)
+    except OutputPathError as e:
+        raise ExportError(str(e)) from None
     cfg = load_config(args.config_file, args.opts)
     image = sample_image(cfg, args.sample_image, height, width)
     torch.manual_seed(0)

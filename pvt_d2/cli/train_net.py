@@ -15,26 +15,23 @@ diverged loss) end the command with exit status 2 and one ``ERROR:`` paragraph
 on stderr instead of a traceback; the config is checked before any worker
 process starts.
 """
-import contextlib
 import logging
 import sys
-import time
 
 import detectron2.utils.comm as comm
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils.logger import setup_logger
-from torch.multiprocessing import ProcessExitedException
 
 from pvt_d2.config import ConfigError, load_config, resolve_config_file
 from pvt_d2.data import (BadImageError, DatasetError, DatasetNotFoundError, check_num_classes,
                          prepare_datasets)
 from pvt_d2.data.custom import setup_custom_datasets
 from pvt_d2.engine import Trainer, use_cpu_if_no_cuda
-from pvt_d2.engine.output_dir import OutputDirError, OutputDirLock, check_output_dir
+from pvt_d2.engine.output_dir import OutputDirError, check_output_dir
+from pvt_d2.engine.run import NonFiniteLossError, refuse_eval_without_weights, run_command, run_worker
 from pvt_d2.checkpoint import CheckpointError
 from pvt_d2.checkpoint.download import prefetch_pretrained
-from pvt_d2.engine.trainer import NonFiniteLossError
 from pvt_d2.utils.precision import autocast_backbone
 
 # Errors whose message tells the user what to fix: reported without a traceback, exit status 2.
@@ -42,8 +39,6 @@ USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, BadImageError, C
                OutputDirError)
 # Those that every process of a multi-process run meets at the same point: the first process reports them.
 SHARED_ERRORS = (ConfigError, DatasetNotFoundError, DatasetError, CheckpointError)
-# How long the other processes wait before exiting on such an error.
-QUIET_EXIT_DELAY_S = 5
 
 
 def setup(args):
@@ -51,14 +46,14 @@ def setup(args):
     args.config_file = resolve_config_file(args.config_file)
     cfg = load_config(args.config_file, args.opts)
     setup_custom_datasets(cfg, args.dataset, args.opts, require_used=True)
-    on_cpu = use_cpu_if_no_cuda(cfg)
+    device_note = use_cpu_if_no_cuda(cfg)
     if args.eval_only and cfg.MODEL.WEIGHTS:
         cfg.MODEL.PVT_D2.PRETRAINED = ""  # MODEL.WEIGHTS replaces the ImageNet weights: do not fetch them
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="pvt_d2")
-    if on_cpu:
-        logging.getLogger("pvt_d2").info("CUDA is not available: running on the CPU (MODEL.DEVICE=cpu) with AMP off.")
+    if device_note:
+        logging.getLogger("pvt_d2").info(device_note)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     prepare_datasets(names)
     prefetch_pretrained(cfg)  # a URL: downloaded once, or one ERROR before any model is built
@@ -71,10 +66,8 @@ def main(args):
         check_num_classes(cfg, cfg.DATASETS.TEST, training=False, load_missing=True)
         model = Trainer.build_model(cfg)
         checkpointer = Trainer.build_checkpointer(cfg, model, strict=True)
-        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
-            raise CheckpointError("--eval-only needs trained weights: MODEL.WEIGHTS is empty (and there is no "
-                                  "checkpoint to --resume from in OUTPUT_DIR), so it would evaluate a randomly "
-                                  "initialised model. Pass MODEL.WEIGHTS path/to/model_final.pth.")
+        refuse_eval_without_weights(cfg.MODEL.WEIGHTS, can_resume=args.resume and checkpointer.has_checkpoint(),
+                                    key="MODEL.WEIGHTS")
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         autocast_backbone(model, args.amp)  # --amp: backbone under autocast; heads, post-processing in fp32
         res = Trainer.test(cfg, model)
@@ -86,25 +79,9 @@ def main(args):
     return trainer.train()
 
 
-def _report(error: Exception, rank: int = 0) -> None:
-    print(f"ERROR{f' (process {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
-
-
 def worker(args):
-    """``main`` in a worker process of a multi-process run: a user error ends the process with status 2.
-
-    The error is printed once (by the first process when all processes meet
-    it, otherwise by the process that did); ``launch`` then stops the others.
-    """
-    try:
-        return main(args)
-    except USER_ERRORS as e:
-        shared = isinstance(e, SHARED_ERRORS) or getattr(e, "all_processes", False)
-        if comm.get_rank() == 0 or not shared:
-            _report(e, comm.get_rank())
-        else:
-            time.sleep(QUIET_EXIT_DELAY_S)  # launch stops everyone when one exits: let the first one report
-        sys.exit(2)
+    """``main`` in a worker process of a multi-process run (:func:`pvt_d2.engine.run.run_worker`)."""
+    return run_worker(main, args, USER_ERRORS, SHARED_ERRORS)
 
 
 def check_args(args) -> None:
@@ -114,7 +91,7 @@ def check_args(args) -> None:
     world_size = args.num_gpus * args.num_machines
     if args.amp != "fp32" and not args.eval_only:
         raise ConfigError(f"--amp {args.amp} applies to --eval-only; training uses SOLVER.AMP.ENABLED (on GPUs)")
-    if not args.eval_only and cfg.SOLVER.IMS_PER_BATCH % world_size:
+    if not args.eval_only and world_size and cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH} must be a multiple of the number of "
                           f"processes ({world_size} = --num-gpus x --num-machines) so that each gets the same "
                           f"number of images.")
@@ -142,24 +119,14 @@ def get_parser():
 
 
 def cli(argv=None) -> int:
+    """Parse ``argv`` and run (:func:`pvt_d2.engine.run.run_command`); returns the exit status.
+
+    0 done, 2 a problem the user can fix (one ``ERROR:`` line), 130 / 143
+    stopped by SIGINT / SIGTERM (one ``STOPPED:`` line naming the last
+    checkpoint and ``--resume``), 1 a worker process that died.
+    """
     args = get_parser().parse_args(argv)
-    try:
-        cfg = check_args(args)
-        with OutputDirLock(cfg.OUTPUT_DIR, "evaluation" if args.eval_only else "training") \
-                if args.machine_rank == 0 else contextlib.nullcontext():
-            if args.num_gpus * args.num_machines > 1:
-                launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                       dist_url=args.dist_url, args=(args,))
-            else:
-                main(args)
-    except USER_ERRORS as e:
-        _report(e)
-        return 2
-    except ProcessExitedException as e:
-        if e.exit_code == 2:  # a worker stopped on a user error and has printed it
-            return 2
-        raise
-    return 0
+    return run_command(args, check_args, main, worker, lambda cfg: cfg.OUTPUT_DIR, USER_ERRORS)
 
 
 def evaluate_cli(argv=None) -> int:

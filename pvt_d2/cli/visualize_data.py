@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pvt_d2.config import ConfigError, load_config
 from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets
 from pvt_d2.data.custom import setup_custom_datasets
+from pvt_d2.utils.output import OutputPathError, check_output_path
 
 
 def _unique_path(out_dir: str, file_name: str, used: set) -> str:
@@ -38,10 +39,18 @@ def _unique_path(out_dir: str, file_name: str, used: set) -> str:
     return os.path.join(out_dir, name)
 
 
+def _existing_drawings(cfg, out_dir: str):
+    """Files in ``out_dir`` that drawing the config's training images would replace."""
+    from detectron2.data import DatasetCatalog
+
+    names = {os.path.basename(r["file_name"]) for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)}
+    return sorted(f for f in os.listdir(out_dir) if f in names)
+
+
 def iter_annotations(cfg, limit: int):
     """``(file_name, rgb)`` of the training records with their ground truth drawn."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     from pvt_d2.utils.visualize import draw_dataset_dict
 
@@ -101,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
                         help="your own dataset, NAME=annotations.json:images (COCO json) or NAME=VOCfolder[:SPLIT] "
                              "(Pascal VOC); drawn instead of DATASETS.TRAIN unless that names it (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace drawings of the same images that --output holds already")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.source == "dataloader" and args.num_images <= 0:
@@ -115,12 +126,25 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetNotFoundError, DatasetError, KeyError) as e:
         print(f"ERROR: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    os.makedirs(args.output, exist_ok=True)
+    try:  # before anything is drawn: the folder, and no earlier drawing replaced without --overwrite
+        check_output_path(args.output, "dir", what="--output")
+        existing = [] if args.overwrite else _existing_drawings(cfg, args.output)
+    except OutputPathError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    if existing:
+        print(f"ERROR: --output {args.output} holds {len(existing)} drawing(s) of these images already "
+              f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace "
+              f"them or choose another folder.", file=sys.stderr)
+        return 2
     source = iter_annotations if args.source == "annotation" else iter_dataloader
     used, written = set(), 0
     total = args.num_images or None
     for file_name, rgb in tqdm(source(cfg, args.num_images), total=total, desc=args.source, unit="img"):
-        cv2.imwrite(_unique_path(args.output, file_name, used), rgb[:, :, ::-1])
+        target = _unique_path(args.output, file_name, used)
+        if not cv2.imwrite(target, rgb[:, :, ::-1]):
+            print(f"ERROR: could not write {target}", file=sys.stderr)
+            return 2
         written += 1
     print(f"{written} images written to {args.output}")
     return 0 if written else 1

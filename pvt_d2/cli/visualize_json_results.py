@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from pvt_d2.data import DatasetError, DatasetNotFoundError, prepare_datasets
+from pvt_d2.utils.output import OutputPathError, check_output_path
 from pvt_d2.data.custom import register_dataset_spec
 
 
@@ -60,7 +61,7 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
 
 def side_by_side(record: Dict, predictions: List[Dict], metadata, threshold: float) -> np.ndarray:
     """``[predictions | ground truth]`` for one dataset record, as an RGB image of ``H x 2W``."""
-    from detectron2.data.detection_utils import read_image
+    from pvt_d2.data.mapper import read_image  # the reader of training and evaluation
 
     from pvt_d2.utils.visualize import draw_dataset_dict, draw_instances
 
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
                                           "(COCO json) or NAME=VOCfolder[:SPLIT] (Pascal VOC)")
     parser.add_argument("--conf-threshold", type=float, default=0.5, help="minimum score drawn (default 0.5)")
     parser.add_argument("--max-images", type=int, default=0, help="draw only the first N images (0 = all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace drawings that --output holds already")
     args = parser.parse_args(argv)
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -120,10 +122,23 @@ def main(argv=None) -> int:
     unknown = set(by_image) - {r["image_id"] for r in all_records}
     if unknown:
         print(f"warning: {len(unknown)} image id(s) in the predictions are not in {dataset}", file=sys.stderr)
-    os.makedirs(args.output, exist_ok=True)
-    for record in tqdm(records, desc="images", unit="img"):
+    targets = [os.path.join(args.output, os.path.basename(r["file_name"])) for r in records]
+    try:  # before anything is drawn: the folder, and no earlier drawing replaced without --overwrite
+        check_output_path(args.output, "dir", what="--output")
+    except OutputPathError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    existing = [t for t in targets if os.path.exists(t)]
+    if existing and not args.overwrite:
+        print(f"ERROR: --output {args.output} holds {len(existing)} drawing(s) of these images already "
+              f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace "
+              f"them or choose another folder.", file=sys.stderr)
+        return 2
+    for record, target in tqdm(list(zip(records, targets)), desc="images", unit="img"):
         drawn = side_by_side(record, by_image.get(record["image_id"], []), metadata, args.conf_threshold)
-        cv2.imwrite(os.path.join(args.output, os.path.basename(record["file_name"])), drawn[:, :, ::-1])
+        if not cv2.imwrite(target, drawn[:, :, ::-1]):
+            print(f"ERROR: could not write {target}", file=sys.stderr)
+            return 2
     print(f"{len(records)} images written to {args.output}")
     return 0
 

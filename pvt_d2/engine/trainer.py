@@ -16,7 +16,6 @@ naming the iteration and the loss terms.
 import logging
 import math
 import os
-import re
 import weakref
 
 import numpy as np
@@ -28,11 +27,13 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import AtomicCheckpointer, CheckpointError, run_info_from_config
+from ..checkpoint import AtomicCheckpointer, run_info_from_config
 from ..data import (DatasetError, check_datasets_for_config, check_num_classes, load_dataset_dicts,
                     prepare_datasets)
 from ..data.mapper import MAX_CONSECUTIVE_FAILURES, RobustDatasetMapper
 from .optim import build_optimizer
+from .run import (LossNotFiniteOnSomeProcess, NonFiniteLossError, apply_config_after_resume, changed_settings,
+                  divergence_reported, log_resume_changes, snapshot_hyperparameters, track_training)
 
 __all__ = ["Trainer", "RecipeMixin", "NonFiniteLossError", "create_ddp_model", "use_cpu_if_no_cuda"]
 
@@ -50,32 +51,28 @@ def create_ddp_model(model, *, fp16_compression: bool = False, **kwargs):
     return d2_create_ddp_model(model, fp16_compression=fp16_compression, **kwargs)
 
 
-def use_cpu_if_no_cuda(cfg) -> bool:
-    """Switch a CUDA config to the CPU (AMP off) when no GPU is present. Returns True if it did."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        frozen = cfg.is_frozen()
-        cfg.defrost()
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.SOLVER.AMP.ENABLED = False
-        if frozen:
-            cfg.freeze()
-        return True
-    return False
+def use_cpu_if_no_cuda(cfg) -> str:
+    """Run on the CPU without AMP when the config or the machine says so; returns the log line ('' if unchanged).
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training diverged: the loss (or the predictions) became NaN or infinite.
-
-    ``all_processes`` is True when every process of a multi-process run
-    raised it at the same iteration (the loss check), False when only this
-    process did (non-finite predictions).
+    A CUDA config on a machine without CUDA is switched to the CPU; on the CPU
+    (``MODEL.DEVICE cpu``, as detectron2's docs tell CPU users to add, or the
+    switch just made) ``SOLVER.AMP.ENABLED`` is turned off, since detectron2's
+    AMP trainer needs CUDA. Every training and evaluation entry point calls
+    this and logs the returned line once.
     """
-
-    all_processes = False
-
-
-class _LossNotFiniteOnSomeProcess(FloatingPointError):
-    """Raised by every process at once when any process has a non-finite loss."""
+    notes = []
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        notes.append("CUDA is not available: running on the CPU (MODEL.DEVICE=cpu)")
+    if not cfg.MODEL.DEVICE.startswith("cuda") and cfg.SOLVER.AMP.ENABLED:
+        cfg.SOLVER.AMP.ENABLED = False
+        notes.append("with AMP off" if notes else
+                     f"MODEL.DEVICE is {cfg.MODEL.DEVICE}: AMP (SOLVER.AMP.ENABLED) needs CUDA, so it is off")
+    if frozen:
+        cfg.freeze()
+    return " ".join(notes) + "." if notes else ""
 
 
 class _LossCheckOnAllProcesses:
@@ -95,7 +92,7 @@ class _LossCheckOnAllProcesses:
             everyone = comm.all_gather(local)
             if not all(math.isfinite(v) for losses in everyone for v in losses.values()):
                 mean = {k: float(np.mean([losses[k] for losses in everyone])) for k in local}
-                raise _LossNotFiniteOnSomeProcess(
+                raise LossNotFiniteOnSomeProcess(
                     f"Loss became infinite or NaN at iteration={self.iter if iter is None else iter}!\n"
                     f"loss_dict = {mean}")
         return super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
@@ -107,23 +104,6 @@ class CheckedSimpleTrainer(_LossCheckOnAllProcesses, SimpleTrainer):
 
 class CheckedAMPTrainer(_LossCheckOnAllProcesses, AMPTrainer):
     """detectron2's ``AMPTrainer`` with the loss checked on all processes."""
-
-
-class _HideDivergenceTraceback(logging.Filter):
-    """Drop detectron2's "Exception during training" traceback for a divergence or a failed save (disk full);
-    both are reported cleanly."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], (FloatingPointError, CheckpointError)))
-
-
-def _loss_terms(message: str) -> str:
-    """``"loss_cls=nan, loss_box_reg=0.52"`` from detectron2's divergence message, or '' if it has none."""
-    match = re.search(r"loss_dict = \{(.*)\}", message, re.S)
-    if not match:
-        return ""
-    terms = re.findall(r"'(\w+)': (?:np\.float\d+\()?([^,)]+)\)?", match.group(1))
-    return ", ".join(f"{name}={value.strip()}" for name, value in terms)
 
 
 class RecipeMixin:
@@ -210,7 +190,9 @@ class Trainer(RecipeMixin, DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        step_cls = CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
+        # detectron2's AMP trainer needs CUDA: a CPU model trains in float32 (use_cpu_if_no_cuda logs it)
+        amp = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE.startswith("cuda")
+        step_cls = CheckedAMPTrainer if amp else CheckedSimpleTrainer
         self._trainer = step_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = self.build_checkpointer(cfg, model, trainer=weakref.proxy(self))
@@ -226,40 +208,38 @@ class Trainer(RecipeMixin, DefaultTrainer):
         return AtomicCheckpointer(model, cfg.OUTPUT_DIR, strict=strict, run_info=run_info_from_config(cfg),
                                   **checkpointables)
 
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's ``resume_or_load``; on a resume the new config's learning rate, weight decay and
+        schedule are applied at the checkpoint's iteration, and each changed setting is logged (old -> new).
+
+        detectron2 would restore the optimizer's and the scheduler's state from
+        the checkpoint, silently keeping the old learning rate: the advice of
+        the divergence message (lower ``SOLVER.BASE_LR``, ``--resume``) would
+        not work.
+        """
+        snapshot = snapshot_hyperparameters(self.optimizer)
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter > 0:
+            apply_config_after_resume(self.optimizer, snapshot, self.scheduler)
+            log_resume_changes(changed_settings(self.checkpointer.loaded_run_info.get("settings"),
+                                                run_info_from_config(self.cfg)["settings"]), self.start_iter)
+
     def train(self):
         """Train, and return the last evaluation results (``{dataset: {task: metrics}}``) or None.
 
         Raises:
             NonFiniteLossError: the loss or the predictions became NaN/Inf.
         """
-        loop_logger = logging.getLogger("detectron2.engine.train_loop")
-        hide = _HideDivergenceTraceback()
-        loop_logger.addFilter(hide)
-        try:
+        track_training(self)
+        with divergence_reported(self, self.checkpointer, self._divergence_settings, "SOLVER.BASE_LR",
+                                 "SOLVER.CLIP_GRADIENTS"):
             super().train()
-        except FloatingPointError as e:
-            message = self._divergence_message(e)
-            logger.error(message)
-            error = NonFiniteLossError(message)
-            error.all_processes = isinstance(e, _LossNotFiniteOnSomeProcess)
-            raise error from e
-        finally:
-            loop_logger.removeFilter(hide)
         return getattr(self, "_last_eval_results", None)
 
-    def _divergence_message(self, error: FloatingPointError) -> str:
-        terms = _loss_terms(str(error))
-        what = (f"the loss is not finite ({terms})" if terms
-                else f"the model's outputs are not finite ({str(error).splitlines()[0]})")
-        last = (f"the last checkpoint is {self.checkpointer.get_checkpoint_file()}"
-                if self.checkpointer.has_checkpoint() else "no checkpoint was written yet")
+    def _divergence_settings(self):
         s = self.cfg.SOLVER
-        return (f"Training diverged at iteration {self.iter}: {what}. Nothing after the last checkpoint was saved "
-                f"({last}). Usual causes: a learning rate too high for the batch size (SOLVER.BASE_LR = "
-                f"{s.BASE_LR:g}, SOLVER.IMS_PER_BATCH = {s.IMS_PER_BATCH}), too short a warmup "
-                f"(SOLVER.WARMUP_ITERS = {s.WARMUP_ITERS}), fp16 overflow with SOLVER.AMP.ENABLED, or bad "
-                f"annotations. Lower the learning rate or enable SOLVER.CLIP_GRADIENTS, then start again "
-                f"(--resume continues from the last checkpoint).")
+        return [("SOLVER.BASE_LR", float(s.BASE_LR)), ("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH),
+                ("SOLVER.WARMUP_ITERS", s.WARMUP_ITERS), ("SOLVER.AMP.ENABLED", s.AMP.ENABLED)]
 
     def run_step(self):
         try:
