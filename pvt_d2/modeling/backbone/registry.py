@@ -79,14 +79,14 @@ def create_backbone(name: str, **kwargs):
     Keyword arguments override or extend the variant's own (``out_features``,
     ``drop_path_rate``, ``freeze_at``, ...); ``act_checkpoint=True`` turns on
     activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`),
-    ``fast_inference=False`` turns off the inference kernels that change float32
-    rounding (:meth:`~.base.PyramidBackbone.set_fast_inference`).
+    ``fast_inference=False`` leaves out the CPU inference kernels that change
+    float32 rounding (:func:`pvt_d2.inference.prepare_for_inference`).
     """
     spec = get_arch(name)
     act_checkpoint = kwargs.pop("act_checkpoint", False)
     fast_inference = kwargs.pop("fast_inference", True)
     model = spec.model_cls(**{**spec.kwargs, **kwargs})
-    return model.set_act_checkpoint(act_checkpoint).set_fast_inference(fast_inference)
+    return _prepared(model.set_act_checkpoint(act_checkpoint), fast_inference)
 
 
 def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
@@ -112,7 +112,14 @@ def backbone_kwargs_from_cfg(cfg, in_chans: int) -> Tuple[Type, Dict[str, Any]]:
 def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
     model_cls, kwargs = backbone_kwargs_from_cfg(cfg, input_shape.channels)
     model = model_cls(**kwargs).set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
-    return model.set_fast_inference(cfg.MODEL.PVT_D2.FAST_INFERENCE)
+    return _prepared(model, cfg.MODEL.PVT_D2.FAST_INFERENCE)
+
+
+def _prepared(model, fast_inference: bool):
+    """``model`` with the CPU inference kernels swapped in when ``fast_inference`` (``MODEL.PVT_D2.FAST_INFERENCE``)."""
+    from ...inference import prepare_for_inference  # the engine builds on the models, not the other way round
+
+    return prepare_for_inference(model) if fast_inference else model
 
 
 @BACKBONE_REGISTRY.register()
