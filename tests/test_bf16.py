@@ -196,12 +196,12 @@ def test_spatial_reduction_attention_bf16_inference_path(monkeypatch):
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16")
 def test_packed_linear_under_bf16_autocast():
     """Inference under CPU bf16 autocast: a bfloat16 pack made once, F.linear's autocast result."""
-    from pvt_d2.inference.cache import _CACHES
+    from pvt_d2.inference.cache import cache_slot
     from pvt_d2.inference.kernels import PackedLinear
 
     torch.manual_seed(0)
     lin = PackedLinear(96, 200).eval()
-    packs = lambda: {k[0]: v[1][0] for k, v in _CACHES[lin]["packed_linear"].items()}  # noqa: E731
+    packs = lambda: {k[0]: v[1][0] for k, v in cache_slot(lin, "packed_linear").items()}  # noqa: E731
     x = torch.randn(3, 50, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)

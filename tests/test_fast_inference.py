@@ -14,7 +14,7 @@ from detectron2.layers import ShapeSpec
 
 from pvt_d2.config import get_pvt_d2_cfg
 from pvt_d2.inference import is_prepared, kernels, modules, prepare_for_inference, restore_from_inference
-from pvt_d2.inference.cache import _CACHES
+from pvt_d2.inference.cache import cache_slot
 from pvt_d2.modeling.backbone import build_pvt_d2_backbone, create_backbone, layers
 from pvt_d2.modeling.backbone.levit import LinearBN
 
@@ -24,7 +24,7 @@ needs_onednn = pytest.mark.skipif(not kernels.onednn_linear_available(), reason=
 
 def _packed(model):
     """The modules of ``model`` holding a packed weight."""
-    return [m for m in model.modules() if "packed_linear" in _CACHES.get(m, {}) and _CACHES[m]["packed_linear"]]
+    return [m for m in model.modules() if cache_slot(m, "packed_linear", create=False)]
 
 
 def _set(model, enabled):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pvt_d2.inference import kernels, modules, prepare_for_inference
-from pvt_d2.inference.cache import _CACHES
+from pvt_d2.inference.cache import cache_slot
 from pvt_d2.inference.kernels import PackedLinear
 from pvt_d2.modeling.backbone import export_ops, layers
 
@@ -20,7 +20,7 @@ def Mlp(*args, **kwargs):  # noqa: N802 - the prepared MLP
 
 
 def _pack(lin):
-    return _CACHES[lin]["packed_linear"]
+    return cache_slot(lin, "packed_linear")
 
 
 def _pair(dim, hidden, dwconv, x, hw, chunk_numel):
@@ -67,7 +67,7 @@ def test_chunked_only_in_inference():
     assert len(calls) == 1
 
 
-# --------------------------------------------------------------------------- layers.Linear (oneDNN-packed weights)
+# --------------------------------------------------------------------------- PackedLinear (oneDNN-packed weights)
 needs_onednn = pytest.mark.skipif(not kernels.onednn_linear_available(), reason="no oneDNN linear")
 
 
@@ -140,7 +140,7 @@ def test_packed_linear_follows_weight_updates_copies_and_grad():
         lin.weight.data = torch.randn(48, 32)  # new storage, same object and version (what Module.to does)
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are kept outside the module
-    assert clone not in _CACHES and torch.equal(clone(x), lin(x))
+    assert not cache_slot(clone, "packed_linear", create=False) and torch.equal(clone(x), lin(x))
     buf = io.BytesIO()
     torch.save(lin, buf)
     # with autograd the plain path runs, and gradients flow

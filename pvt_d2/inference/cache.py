@@ -5,24 +5,47 @@ weight, a folded BatchNorm, a gathered attention bias, a padding mask) in
 :func:`cached`. An entry is found again while its source tensors are the same
 objects on the same storage at the same version counter (loading weights or
 an optimizer step bumps it; ``module.to`` swaps the storage), so it follows
-the weights without being told. Entries live outside the module (a weak
-mapping keyed by the module), so they are never part of a state dict, a
-pickle or a deep copy.
+the weights without being told. The entries are no parameters or buffers
+(never in a state dict) and :class:`CacheOwner` leaves them out of pickles
+and copies.
 """
-import weakref
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["cached", "clear_cache"]
+__all__ = ["CacheOwner", "cached", "cache_slot", "clear_cache"]
 
-_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_ATTR = "_inference_cache"
 
 
-def _stamp(t: Optional[torch.Tensor]):
-    return None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+class CacheOwner:
+    """Base of the modules that call :func:`cached`: pickles and deep copies leave the entries behind.
+
+    (oneDNN-packed tensors can be neither pickled nor deep-copied.)
+    """
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop(_ATTR, None)
+        return state
+
+
+def cache_slot(owner: nn.Module, slot: str, create: bool = True) -> "OrderedDict":
+    """The entries of ``owner``'s ``slot``: ``(key, source stamps) -> (sources, value)``, oldest first.
+
+    With ``create=False`` a missing slot reads as empty and is not made.
+    """
+    slots = owner.__dict__.get(_ATTR)
+    if not create:
+        return OrderedDict() if slots is None else slots.get(slot, OrderedDict())
+    if slots is None:
+        slots = owner.__dict__[_ATTR] = {}
+    entries = slots.get(slot)
+    if entries is None:
+        entries = slots[slot] = OrderedDict()
+    return entries
 
 
 def cached(owner: nn.Module, slot: str, key: Hashable, compute: Callable[[], object],
@@ -30,7 +53,7 @@ def cached(owner: nn.Module, slot: str, key: Hashable, compute: Callable[[], obj
     """``compute()``, kept per ``owner``, ``slot`` and ``key`` while the ``sources`` are unchanged.
 
     Args:
-        owner: the module the value belongs to.
+        owner: the module the value belongs to (a :class:`CacheOwner`).
         slot: what the value is (one small LRU per owner and slot).
         key: what else the value depends on (sizes, dtype, device).
         compute: builds the value; called on a miss. Callers call this only
@@ -42,8 +65,8 @@ def cached(owner: nn.Module, slot: str, key: Hashable, compute: Callable[[], obj
     Returns:
         The cached or freshly computed value.
     """
-    entries = _CACHES.setdefault(owner, {}).setdefault(slot, OrderedDict())
-    full_key = (key, tuple(_stamp(t) for t in sources))
+    entries = cache_slot(owner, slot)
+    full_key = (key, tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in sources))
     hit = entries.get(full_key)
     if hit is not None:
         entries.move_to_end(full_key)
@@ -58,4 +81,4 @@ def cached(owner: nn.Module, slot: str, key: Hashable, compute: Callable[[], obj
 
 def clear_cache(owner: nn.Module) -> None:
     """Drop every value kept for ``owner``."""
-    _CACHES.pop(owner, None)
+    owner.__dict__.pop(_ATTR, None)

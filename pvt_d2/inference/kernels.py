@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.backbone.export_ops import is_tracing
-from .cache import cached
+from .cache import CacheOwner, cached
 
 __all__ = [
     "FUSED_ACTIVATIONS",
@@ -96,7 +96,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, packed_bias, attr, [], algorithm)
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(CacheOwner, nn.Linear):
     """``nn.Linear`` running :func:`packed_linear`; :meth:`forward_act` also applies a following activation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

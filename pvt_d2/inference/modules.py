@@ -13,7 +13,7 @@ from torch import nn
 
 from ..modeling.backbone import gcvit, layers, levit, pvt, twins, vip
 from ..modeling.backbone.export_ops import is_tracing, map_to_tokens, tokens_to_map
-from .cache import cached
+from .cache import CacheOwner, cached
 from .kernels import (
     FUSED_ACTIVATIONS,
     attention_chunks,
@@ -208,7 +208,7 @@ class FastStem(gcvit.Stem):
         return super().forward(x)
 
 
-class FastRelativePositionBias(gcvit.RelativePositionBias):
+class FastRelativePositionBias(CacheOwner, gcvit.RelativePositionBias):
     """Relative position bias with the resized table, and a small lookup, kept while the table is unchanged."""
 
     #: Lookups with more values are gathered per call, as timm does.
@@ -218,13 +218,14 @@ class FastRelativePositionBias(gcvit.RelativePositionBias):
         table = self.relative_position_bias_table
         if self.window_size == self.pretrain_window_size or not _no_graph(self):
             return super().resized_table()
-        return cached(self, "resized", None, lambda: super(FastRelativePositionBias, self).resized_table().detach(),
-                      (table,))
+        return cached(self, "resized", (table.device, table.dtype),
+                      lambda: super(FastRelativePositionBias, self).resized_table().detach(), (table,))
 
     def forward(self) -> torch.Tensor:
         if not _no_graph(self):
             return super().forward()
-        return cached(self, "lookup", self.relative_position_index.device,
+        table = self.relative_position_bias_table
+        return cached(self, "lookup", (table.device, table.dtype, self.relative_position_index.device),
                       lambda: super(FastRelativePositionBias, self).forward().detach(),
                       (self.relative_position_bias_table,), max_numel=self.lookup_max_numel)
 
@@ -260,7 +261,7 @@ class FastGCViTBlock(gcvit.GCViTBlock):
         return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
-class FastGCViTStage(gcvit.GCViTStage):
+class FastGCViTStage(CacheOwner, gcvit.GCViTStage):
     """GC ViT stage whose padding mask is built once per grid size, and left out where nothing is padded."""
 
     def key_padding_mask(self, hw: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
@@ -298,7 +299,7 @@ def batchnorm_affine(bn: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor
     return scale, bias - bn.running_mean * scale
 
 
-class _FoldedBN:
+class _FoldedBN(CacheOwner):
     """A bias-free projection ``linear`` and its BatchNorm ``bn`` folded into one projection when possible.
 
     Where the BatchNorm is a fixed affine map (:func:`batchnorm_affine`) the
@@ -333,7 +334,7 @@ class _FoldedBN:
 
         if recorded:
             return fold()
-        return cached(self, "folded", bn.training, lambda: _detached(fold()), sources)
+        return cached(self, "folded", (bn.training, weight.device, weight.dtype), lambda: _detached(fold()), sources)
 
 
 def _detached(pair):
@@ -390,7 +391,7 @@ class FastLevitStem(levit.LevitStem):
         return F.hardswish(y, inplace=True) if inference_inplace(y) else self.act3(y)
 
 
-class _FastOffsetBias:
+class _FastOffsetBias(CacheOwner):
     """LeViT attention with its geometry and biases kept per grid, added to the scores in place."""
 
     #: Gathered biases with more values (global mode on large maps) are not kept.
@@ -407,8 +408,10 @@ class _FastOffsetBias:
         table = self.attention_biases
         if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
             return super().attention_mask(geo)
-        return cached(self, "mask", id(geo), lambda: super(_FastOffsetBias, self).attention_mask(geo).detach(),
-                      (table,), size=4, max_numel=self.bias_max_numel)
+        # the geometry's own tensors as sources: an entry never outlives (and so never mistakes) its geometry
+        return cached(self, "mask", (table.device, table.dtype),
+                      lambda: super(_FastOffsetBias, self).attention_mask(geo).detach(),
+                      (table, geo.offset_y, geo.offset_x), size=4, max_numel=self.bias_max_numel)
 
     def attend(self, q, k, v, mask):
         out = layers.attention(q, k, v, self.scale, mask, inplace=inference_inplace(q))

@@ -263,7 +263,7 @@ def _axis_layout(length, table: int, stride: int, windowed: bool, device: torch.
 
 def build_tile_geometry(grid, table: int, stride: int, windowed: bool, device: torch.device,
                         always_mask: bool = False) -> TileGeometry:
-    """The :class:`TileGeometry` of a layer on a ``grid`` of keys (uncached; see :func:`tile_geometry`).
+    """The :class:`TileGeometry` of a layer on a ``grid`` of keys.
 
     Args:
         grid: key map size ``(H, W)``: ints, or the symbolic / traced sizes
