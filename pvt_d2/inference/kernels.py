@@ -20,6 +20,7 @@ __all__ = [
     "residual_add",
     "packed_linear",
     "PackedLinear",
+    "linear_act",
     "even_step",
     "attention_chunks",
     "image_by_image",
@@ -105,6 +106,13 @@ class PackedLinear(CacheOwner, nn.Linear):
     def forward_act(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
         """``activation(self(x))``; ``activation`` is None or a key of :data:`FUSED_ACTIVATIONS`."""
         return packed_linear(x, self.weight, self.bias, self, activation)
+
+
+def linear_act(linear: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation(linear(x))``, applied inside the GEMM when ``linear`` is a :class:`PackedLinear`."""
+    if isinstance(linear, PackedLinear):
+        return linear.forward_act(x, activation)
+    return FUSED_ACTIVATIONS[activation][0](linear(x))
 
 
 def even_step(total: int, most: int) -> int:

@@ -22,6 +22,7 @@ from .kernels import (
     image_by_image,
     inference_inplace,
     is_cpu_bf16_inference,
+    linear_act,
     packed_linear,
     residual_add,
 )
@@ -64,7 +65,7 @@ class FastMlp(layers.Mlp):
         if x.numel() // x.shape[-1] * self.fc1.out_features > self.min_chunked_numel and x.is_contiguous():
             return self._forward_chunked(x, hw)
         if self.fused_gelu():
-            return self.fc2(self.fc1.forward_act(x, "gelu"))
+            return self.fc2(linear_act(self.fc1, x, "gelu"))
         x = self.relu(self.fc1(x))
         if self.dwconv is not None:
             x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
@@ -87,7 +88,7 @@ class FastMlp(layers.Mlp):
             fused = self.fused_gelu()
             for start in range(0, tokens.shape[0], step):
                 part = tokens[start:start + step]
-                hidden = self.fc1.forward_act(part, "gelu") if fused else self._gelu_(self.relu(self.fc1(part)))
+                hidden = linear_act(self.fc1, part, "gelu") if fused else self._gelu_(self.relu(self.fc1(part)))
                 y = self.fc2(hidden)
                 if out is None:  # the dtype of the result (autocast)
                     out = y.new_empty(tokens.shape[0], y.shape[-1])
