@@ -149,7 +149,7 @@ def test_train_net_amp_needs_eval_only(tmp_path, capsys):
                                                              (1, 2, 40, 9, 2 ** 20)])
 def test_bf16_attention_matches_float32_attention(batch, heads, queries, keys, budget):
     """Chunked (several chunks, ragged last one) or whole; token-major output; bfloat16 rounding only."""
-    from pvt_d2.modeling.backbone.layers import bf16_attention
+    from pvt_d2.inference.kernels import bf16_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, queries, heads, 32, generator=g).transpose(1, 2)  # the strides SRA passes
@@ -164,21 +164,22 @@ def test_bf16_attention_matches_float32_attention(batch, heads, queries, keys, b
 
 def test_spatial_reduction_attention_bf16_inference_path(monkeypatch):
     """bfloat16 CPU inference takes the chunked path; float32 and autograd keep SDPA, same function."""
+    from pvt_d2.inference import modules, prepare_for_inference
     from pvt_d2.modeling.backbone import layers
 
     torch.manual_seed(0)
-    sra = layers.SpatialReductionAttention(64, 2, sr_ratio=2).eval()
+    sra = prepare_for_inference(layers.SpatialReductionAttention(64, 2, sr_ratio=2)).eval()
     x = torch.randn(2, 16 * 12, 64)
     with torch.no_grad():
         ref = sra(x, (16, 12))
     calls = []
-    original = layers.bf16_attention
+    original = modules.bf16_attention
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "bf16_attention", spy)
+    monkeypatch.setattr(modules, "bf16_attention", spy)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = sra(x, (16, 12))
     assert calls == [(2, 2, 192, 32)]
@@ -195,10 +196,12 @@ def test_spatial_reduction_attention_bf16_inference_path(monkeypatch):
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16")
 def test_packed_linear_under_bf16_autocast():
     """Inference under CPU bf16 autocast: a bfloat16 pack made once, F.linear's autocast result."""
-    from pvt_d2.modeling.backbone.layers import Linear
+    from pvt_d2.inference.cache import cache_slot
+    from pvt_d2.inference.kernels import PackedLinear
 
     torch.manual_seed(0)
-    lin = Linear(96, 200).eval()
+    lin = PackedLinear(96, 200).eval()
+    packs = lambda: {k[0]: v[1][0] for k, v in cache_slot(lin, "packed_linear").items()}  # noqa: E731
     x = torch.randn(3, 50, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
@@ -209,6 +212,6 @@ def test_packed_linear_under_bf16_autocast():
     assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
     assert torch.equal(again, y)  # a float32 input is rounded to bfloat16 first, as autocast does
     assert (gelu.float() - torch.nn.functional.gelu(y.float())).abs().max() <= 1e-2 * y.float().abs().max()
-    assert lin._packs[torch.bfloat16]["packed"].dtype == torch.bfloat16 and torch.float32 not in lin._packs
+    assert packs()[torch.bfloat16].dtype == torch.bfloat16 and torch.float32 not in packs()
     with torch.no_grad():
-        assert lin(x).dtype == torch.float32 and torch.float32 in lin._packs  # outside autocast: float32
+        assert lin(x).dtype == torch.float32 and torch.float32 in packs()  # outside autocast: float32

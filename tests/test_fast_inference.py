@@ -1,26 +1,34 @@
-"""The fast inference kernels (``PyramidBackbone.set_fast_inference``): same function, float32 rounding only.
+"""The CPU inference engine (``pvt_d2.inference.prepare_for_inference``): same function, float32 rounding only.
 
-On (the default), CPU float32 inference runs the linears as oneDNN GEMMs on
-packed weights (GELU fused) and folds LeViT's fixed BatchNorms; off, every
-family runs timm's kernels, against which the parity tests of each family
-compare. Here: the two agree to float32 rounding on every family that has
-such layers, the fast path really runs, and the switch reaches every module
-from the config.
+Prepared (the default of ``create_backbone`` and the config), CPU float32
+inference runs the linears as oneDNN GEMMs on packed weights (GELU fused) and
+folds LeViT's fixed BatchNorms; the plain model runs timm's kernels, against
+which the parity tests of each family compare. Here: the two agree to float32
+rounding on every family that has such layers, the fast path really runs,
+the swap reaches every module from the config, and restoring gives back the
+plain modules and outputs.
 """
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
 from pvt_d2.config import get_pvt_d2_cfg
+from pvt_d2.inference import is_prepared, kernels, modules, prepare_for_inference, restore_from_inference
+from pvt_d2.inference.cache import cache_slot
 from pvt_d2.modeling.backbone import build_pvt_d2_backbone, create_backbone, layers
 from pvt_d2.modeling.backbone.levit import LinearBN
 
 FAMILIES = ["pvt_tiny", "pvt_v2_b0", "twins_pcpvt_small", "twins_svt_small", "levit_128s", "gcvit_xxtiny"]
-needs_onednn = pytest.mark.skipif(not layers._onednn_linear_available(), reason="no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not kernels.onednn_linear_available(), reason="no oneDNN linear")
 
 
-def _switchable(model):
-    return [m for m in model.modules() if hasattr(type(m), "fast_inference")]
+def _packed(model):
+    """The modules of ``model`` holding a packed weight."""
+    return [m for m in model.modules() if cache_slot(m, "packed_linear", create=False)]
+
+
+def _set(model, enabled):
+    return prepare_for_inference(model) if enabled else restore_from_inference(model)
 
 
 @needs_onednn
@@ -32,12 +40,13 @@ def test_fast_inference_differs_from_the_reference_kernels_by_rounding_only(name
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fast = model(x)
-        ref = model.set_fast_inference(False)(x)
+        packed = _packed(model)
+        ref = _set(model, False)(x)
     assert fast.keys() == ref.keys()
     worst = max(((fast[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
     assert 0 < worst < 1e-5  # > 0: another summation order really ran (layers of more than 128 channels)
-    packed = [m for m in model.modules() if isinstance(m, (layers.Linear, LinearBN)) and m.__dict__.get("_packs")]
     assert packed  # the packed GEMM ran
+    assert not _packed(model)  # restoring drops the packs
 
 
 @needs_onednn
@@ -46,10 +55,11 @@ def test_fast_inference_keeps_training_and_autograd_on_the_reference_kernels():
     model = create_backbone("twins_svt_small").eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref = model.set_fast_inference(False)(x)
-    graph = model.set_fast_inference(True)(x.clone().requires_grad_())  # autograd records: addmm
+        ref = _set(model, False)(x)
+    graph = _set(model, True)(x.clone().requires_grad_())  # autograd records: addmm
+    assert is_prepared(model)
     assert all(torch.equal(graph[k].detach(), ref[k]) for k in ref)
-    assert not any(m.__dict__.get("_packs") for m in model.modules())
+    assert not _packed(model)
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -59,10 +69,33 @@ def test_config_key_reaches_every_module(enabled):
     cfg.MODEL.PVT_D2.ARCH = "levit_128s"
     cfg.MODEL.PVT_D2.FAST_INFERENCE = enabled
     model = build_pvt_d2_backbone(cfg, ShapeSpec(channels=3))
-    switchable = _switchable(model)
-    assert any(isinstance(m, layers.Linear) for m in switchable) and any(isinstance(m, LinearBN) for m in switchable)
-    assert all(m.fast_inference is enabled for m in switchable)
-    assert all(m.fast_inference is enabled for m in _switchable(create_backbone("pvt_v2_b0", fast_inference=enabled)))
+    linear_bn = [m for m in model.modules() if isinstance(m, LinearBN)]
+    assert linear_bn and all(isinstance(m, modules.FoldedLinearBN) is enabled for m in linear_bn)
+    assert all(isinstance(m.linear, kernels.PackedLinear) is enabled for m in linear_bn)
+    assert is_prepared(model) is enabled
+    mlps = [m for m in create_backbone("pvt_v2_b0", fast_inference=enabled).modules() if isinstance(m, layers.Mlp)]
+    assert mlps and all(isinstance(m, modules.FastMlp) is enabled for m in mlps)
+    assert all(isinstance(m.fc1, kernels.PackedLinear) is enabled for m in mlps)
+
+
+@pytest.mark.parametrize("name", FAMILIES + ["vip_s7"])
+def test_restore_gives_back_the_plain_model_bit_for_bit(name):
+    """prepare -> run -> restore: plain module types, the same state dict, outputs equal to a never-prepared model."""
+    kwargs = {"out_features": ["res2", "res3", "res4", "res5"]} if name.startswith("levit") else {}
+    torch.manual_seed(0)
+    plain = create_backbone(name, fast_inference=False, **kwargs).eval()
+    torch.manual_seed(0)
+    model = create_backbone(name, **kwargs).eval()
+    plain_types = [type(m) for m in plain.modules()]
+    assert [type(m) for m in model.modules()] != plain_types and is_prepared(model)
+    x = torch.randn(2, 3, 72, 88, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model(x)
+        model = restore_from_inference(model)
+        assert [type(m) for m in model.modules()] == plain_types and not is_prepared(model)
+        out, ref = model(x), plain(x)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
 def test_levit_stem_runs_channels_last_only_where_autograd_records_nothing():
@@ -76,8 +109,8 @@ def test_levit_stem_runs_channels_last_only_where_autograd_records_nothing():
     try:
         with torch.no_grad():
             fast = model.eval()(x)
-            ref = model.set_fast_inference(False)(x)
-        model.set_fast_inference(True).train()(x)  # the stem's parameters are trained: NCHW, as timm
+            ref = _set(model, False)(x)
+        _set(model, True).train()(x)  # the stem's parameters are trained: NCHW, as timm
     finally:
         handle.remove()
     assert seen == [True, False, False]
@@ -100,8 +133,8 @@ def test_one_image_convs_read_the_channels_last_view_only_in_fast_inference(name
         with torch.no_grad():
             fast = model.eval()(x)
             n = len(seen)
-            ref = model.set_fast_inference(False)(x)
-        model.set_fast_inference(True).train()(x)  # autograd records: the reference layout
+            ref = _set(model, False)(x)
+        _set(model, True).train()(x)  # autograd records: the reference layout
     finally:
         for h in handles:
             h.remove()
@@ -119,8 +152,8 @@ def test_gcvit_stem_runs_image_by_image_only_in_fast_inference_of_a_batch():
     try:
         with torch.no_grad():
             fast = model.eval()(x)
-            ref = model.set_fast_inference(False)(x)
-            model.set_fast_inference(True)(x[:1])  # one image: nothing to split
+            ref = _set(model, False)(x)
+            _set(model, True)(x[:1])  # one image: nothing to split
         model.train()(x)  # autograd records: the whole batch at once
     finally:
         handle.remove()
@@ -132,7 +165,7 @@ def test_gcvit_stem_runs_image_by_image_only_in_fast_inference_of_a_batch():
 
 def test_image_by_image_concatenates_in_order_and_keeps_the_memory_format():
     x = torch.randn(4, 2, 5, 6).contiguous(memory_format=torch.channels_last)
-    out = layers.image_by_image(lambda img: img * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + img.sum(), x)
+    out = kernels.image_by_image(lambda img: img * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + img.sum(), x)
     expected = torch.cat([x[i:i + 1] * torch.arange(1.0, 3.0).view(1, 2, 1, 1) + x[i].sum() for i in range(4)])
     assert torch.equal(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -150,8 +183,8 @@ def test_twins_patch_embeddings_read_the_channels_last_view_only_in_fast_inferen
     try:
         with torch.no_grad():
             fast = model.eval()(x)
-            ref = model.set_fast_inference(False)(x)
-        model.set_fast_inference(True).train()(x)  # autograd records: the reference layout
+            ref = _set(model, False)(x)
+        _set(model, True).train()(x)  # autograd records: the reference layout
     finally:
         for h in handles:
             h.remove()

@@ -269,7 +269,9 @@ def test_relative_position_bias_resized_bicubically():
 
 
 def test_relative_position_bias_cache():
-    rel = RelativePositionBias(24, 7, num_heads=2)
+    from pvt_d2.inference import prepare_for_inference
+
+    rel = prepare_for_inference(RelativePositionBias(24, 7, num_heads=2))
     with torch.no_grad():
         first = rel.resized_table()
         assert first.shape == (47 * 47, 2)
@@ -281,7 +283,7 @@ def test_relative_position_bias_cache():
         assert torch.allclose(rel(), torch.ones_like(bias), atol=1e-5)
     # Training: resized from the learnable table on every call, gradients reach it.
     bias = rel()
-    assert bias.requires_grad and rel._cache is None
+    assert bias.requires_grad and rel.resized_table() is not rel.resized_table()
     (bias * torch.randn_like(bias)).sum().backward()
     assert rel.relative_position_bias_table.grad is not None
     assert rel.relative_position_bias_table.grad.abs().sum() > 0
@@ -289,7 +291,7 @@ def test_relative_position_bias_cache():
     rel.relative_position_bias_table.requires_grad_(False)
     assert rel.resized_table() is rel.resized_table()
     # Same window as the pretraining one: the parameter itself, no copy.
-    same = RelativePositionBias(7, 7, num_heads=2)
+    same = prepare_for_inference(RelativePositionBias(7, 7, num_heads=2))
     assert same.resized_table() is same.relative_position_bias_table
 
 
@@ -401,18 +403,25 @@ def test_detectron2_checkpointer_loads_imagenet_weights_into_detection_windows(x
 
 
 def test_inference_shortcuts_are_bit_identical(xxtiny):
-    """The in-place MBConv and the channels-last stem conv (no autograd graph) equal the plain path exactly.
+    """The engine's in-place MBConv, residual sums and chunked attention equal the plain path exactly.
 
-    With the same GEMM (``fast_inference`` off; the packed oneDNN linears
-    round differently from autograd's ``addmm``: tests/test_fast_inference.py).
+    With the same GEMMs and stem (the packed oneDNN linears and the stem's
+    channels-last convs round differently: tests/test_fast_inference.py).
     """
+    import copy
+
+    from pvt_d2.inference import is_prepared, restore_from_inference
+
+    model = copy.deepcopy(xxtiny)
+    model.stem = restore_from_inference(model.stem)
+    for m in list(model.modules()):
+        for name in getattr(m, "packed_linears", ()):
+            setattr(m, name, restore_from_inference(getattr(m, name)))
+    assert is_prepared(model)
     x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(4))
-    try:
-        with torch.no_grad():
-            fast = xxtiny.set_fast_inference(False)(x)
-    finally:
-        xxtiny.set_fast_inference(True)
-    plain = xxtiny(x.clone().requires_grad_(True))  # an autograd graph: no in-place shortcuts
+    with torch.no_grad():
+        fast = model(x)
+    plain = model(x.clone().requires_grad_(True))  # an autograd graph: the plain code everywhere
     for key in NAMES:
         assert torch.equal(fast[key], plain[key].detach()), key
     stem_input = {}

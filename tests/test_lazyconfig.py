@@ -109,7 +109,7 @@ def test_generated_backbone_takes_the_run_time_switches(tmp_path):
     arguments; the same fields can be added on the command line."""
     from detectron2.config import LazyConfig, instantiate
 
-    from pvt_d2.modeling.backbone.layers import Linear
+    from pvt_d2.inference import is_prepared
     from pvt_d2.modeling.backbone.pvt_v2 import PyramidVisionTransformerV2
 
     cfg = tiny_train_cfg("retinanet_pvt_v2_b0.yaml", "/tmp/unused", [
@@ -119,11 +119,11 @@ def test_generated_backbone_takes_the_run_time_switches(tmp_path):
     built = instantiate(lazy.model.backbone.bottom_up)
     assert isinstance(built, PyramidVisionTransformerV2)
     assert built.act_checkpoint and all(b.act_checkpoint for b in built.modules() if hasattr(type(b), "act_checkpoint"))
-    linears = [m for m in built.modules() if isinstance(m, Linear)]
-    assert linears and not any(m.fast_inference for m in linears)
+    assert not is_prepared(built)
     shipped = LazyConfig.load(os.path.join(LAZY, "retinanet_pvt_v2_b0.py"))
     shipped = LazyConfig.apply_overrides(shipped, [NO_PRETRAINED, "+model.backbone.bottom_up.act_checkpoint=True"])
     assert instantiate(shipped.model.backbone.bottom_up).act_checkpoint
+    assert is_prepared(instantiate(shipped.model.backbone.bottom_up))  # fast_inference's default
 
 
 def _write_lazy(tmp_path, config: str, cfg) -> str:

@@ -1,10 +1,12 @@
-"""LeViT BatchNorm folding (``LevitBackbone.set_batchnorm_folding``): same function, same state dict."""
+"""LeViT BatchNorm folding (the engine's FoldedLinearBN / FoldedConvBN): same function, same state dict."""
 import pytest
 import torch
 from torch import nn
 
 from pvt_d2.modeling.backbone import create_backbone
-from pvt_d2.modeling.backbone.levit import LinearBN, batchnorm_affine
+from pvt_d2.inference import prepare_for_inference, restore_from_inference
+from pvt_d2.inference.modules import batchnorm_affine
+from pvt_d2.modeling.backbone.levit import LinearBN
 
 LEVELS = ["res2", "res3", "res4", "res5", "res6"]
 
@@ -20,7 +22,7 @@ def single_thread():
 def _randomized(norm: str = "FrozenBN", seed: int = 0) -> nn.Module:
     """levit_128s with random BatchNorm statistics / affines and attention biases (every fold matters)."""
     torch.manual_seed(seed)
-    # fast_inference off: nothing folded unless set_batchnorm_folding asks for it
+    # fast_inference off: the plain model, nothing folded
     model = create_backbone("levit_128s", norm=norm, out_features=LEVELS, fast_inference=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -41,12 +43,17 @@ def _outputs(model, x):
         return model(x)
 
 
+def _fold(model):
+    """``model`` prepared for inference, folding also while autograd records."""
+    return prepare_for_inference(model, fold_batchnorm_while_recording=True)
+
+
 def test_folded_eval_matches_unfolded_float32():
     model = _randomized()
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
     ref = _outputs(model, x)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    model.set_batchnorm_folding(True)
+    model = _fold(model)
     out = _outputs(model, x)
     for k in LEVELS:
         scale = ref[k].abs().max().item()
@@ -69,12 +76,12 @@ def test_folded_eval_matches_unfolded_float64(norm):
     model = _randomized(norm).double()
     x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = _outputs(model, x)
-    out = _outputs(model.set_batchnorm_folding(True), x)
+    out = _outputs(_fold(model), x)
     assert max((out[k] - ref[k]).abs().max().item() for k in LEVELS) < 1e-10
 
 
 def test_fold_cache_follows_loaded_weights():
-    model = _randomized().set_batchnorm_folding(True)
+    model = _fold(_randomized())
     other = _randomized(seed=1)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     before = _outputs(model, x)["res5"]
@@ -99,8 +106,8 @@ def _bn_calls(model, x, grad: bool) -> int:
 def test_fast_inference_folds_in_inference_only():
     """The default (``fast_inference`` on) folds without autograd, and keeps the BatchNorm while it records."""
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    model = _randomized().set_fast_inference(True)
-    ref = _randomized().set_fast_inference(False)
+    model = prepare_for_inference(_randomized())
+    ref = restore_from_inference(prepare_for_inference(_randomized()))
     assert _bn_calls(model, x, grad=False) == 0
     assert _bn_calls(model.train(), x, grad=True) == 1  # frozen BN in training: the plain pair
     assert _bn_calls(ref.eval(), x, grad=False) == 1
@@ -110,9 +117,8 @@ def test_fast_inference_folds_in_inference_only():
 
 
 def test_plain_batchnorm_in_training_mode_is_not_folded():
-    layer = LinearBN(6, 4)
+    layer = _fold(LinearBN(6, 4))
     assert batchnorm_affine(layer.bn) is None  # training mode: batch statistics
-    layer.fold_batchnorm = True
     x = torch.randn(5, 3, 6)
     out = layer(x)
     assert out.reshape(-1, 4).mean(0).abs().max() < 1e-5  # normalised with the batch's own statistics
@@ -127,7 +133,8 @@ def test_frozen_bn_training_gradients_equal_with_folding():
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grads = []
     for fold in (False, True):
-        model = _randomized().double().train().set_batchnorm_folding(fold)
+        model = _randomized().double().train()
+        model = _fold(model) if fold else model
         out = model(x)
         sum(v.square().mean() for v in out.values()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -137,7 +144,7 @@ def test_frozen_bn_training_gradients_equal_with_folding():
 
 
 def test_folded_trace_follows_other_sizes():
-    model = _randomized().set_batchnorm_folding(True)
+    model = _fold(_randomized())
     wrapped = _Levels(model)
     traced = torch.jit.trace(wrapped, torch.randn(1, 3, 64, 64), check_trace=False)
     x = torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(5))

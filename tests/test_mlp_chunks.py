@@ -1,6 +1,7 @@
 """Inference fast paths compute what the plain paths compute.
 
-``layers.Mlp``'s chunks and ``layers.Linear``'s packed oneDNN GEMM.
+The engine's chunked MLP (``FastMlp``), packed oneDNN GEMM (``PackedLinear``)
+and chunked window attention.
 """
 import copy
 import io
@@ -8,8 +9,18 @@ import io
 import pytest
 import torch
 
-from pvt_d2.modeling.backbone import layers
-from pvt_d2.modeling.backbone.layers import Linear, Mlp
+from pvt_d2.inference import kernels, modules, prepare_for_inference
+from pvt_d2.inference.cache import cache_slot
+from pvt_d2.inference.kernels import PackedLinear
+from pvt_d2.modeling.backbone import export_ops, layers
+
+
+def Mlp(*args, **kwargs):  # noqa: N802 - the prepared MLP
+    return prepare_for_inference(layers.Mlp(*args, **kwargs))
+
+
+def _pack(lin):
+    return cache_slot(lin, "packed_linear")
 
 
 def _pair(dim, hidden, dwconv, x, hw, chunk_numel):
@@ -56,13 +67,13 @@ def test_chunked_only_in_inference():
     assert len(calls) == 1
 
 
-# --------------------------------------------------------------------------- layers.Linear (oneDNN-packed weights)
-needs_onednn = pytest.mark.skipif(not layers._onednn_linear_available(), reason="no oneDNN linear")
+# --------------------------------------------------------------------------- PackedLinear (oneDNN-packed weights)
+needs_onednn = pytest.mark.skipif(not kernels.onednn_linear_available(), reason="no oneDNN linear")
 
 
 def _linear_pair(in_f, out_f, bias=True):
     torch.manual_seed(0)
-    lin = Linear(in_f, out_f, bias=bias).eval()
+    lin = PackedLinear(in_f, out_f, bias=bias).eval()
     ref = torch.nn.Linear(in_f, out_f, bias=bias)
     ref.load_state_dict(lin.state_dict())
     return lin, ref
@@ -78,9 +89,8 @@ def test_packed_linear_matches_nn_linear(in_f, out_f):
         fast, plain = lin(x), ref(x)
         for rows in (1, 3, 64, 100):  # any row count: the same values as those rows of the big input
             assert torch.equal(lin(x[:, :rows].contiguous()), fast[:, :rows]), rows
-        lin.fast_inference = False
-        assert torch.equal(lin(x), plain)  # off: nn.Linear's addmm
-    assert torch.float32 in lin._packs  # the packed path ran
+        assert torch.equal(torch.nn.Linear.forward(lin, x), plain)  # the plain module: nn.Linear's addmm
+    assert any(k[0] == torch.float32 for k in _pack(lin))  # the packed path ran
     if in_f <= 128:
         assert torch.equal(fast, plain)
     else:
@@ -103,32 +113,34 @@ def test_packed_linear_fused_activations(bias):
 
 
 def test_mlp_fuses_gelu_only_where_it_follows_fc1():
-    assert Mlp(16, 64)._fused_gelu()
-    assert not Mlp(16, 64, dwconv=True)._fused_gelu()  # PVT v2: GELU after the depthwise conv
-    assert not Mlp(16, 64, extra_relu=True)._fused_gelu()  # PVT v2-li: ReLU between
+    assert Mlp(16, 64).fused_gelu()
+    assert not Mlp(16, 64, dwconv=True).fused_gelu()  # PVT v2: GELU after the depthwise conv
+    assert not Mlp(16, 64, extra_relu=True).fused_gelu()  # PVT v2-li: ReLU between
 
 
 @needs_onednn
 def test_packed_linear_follows_weight_updates_copies_and_grad():
     torch.manual_seed(0)
-    lin = Linear(32, 48).eval()
+    lin = PackedLinear(32, 48).eval()
+    assert isinstance(lin, PackedLinear)
     x = torch.randn(200, 32)
+    packed_now = lambda: list(_pack(lin).values())[-1][1][0]  # noqa: E731
     with torch.no_grad():
         lin(x)
-        packed = lin._packs[torch.float32]["packed"]
+        packed = packed_now()
         lin(x)
-        assert lin._packs[torch.float32]["packed"] is packed  # reused
+        assert packed_now() is packed and len(_pack(lin)) == 1  # reused
         lin.load_state_dict({"weight": torch.randn(48, 32), "bias": torch.randn(48)})  # in place: new version
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-        assert lin._packs[torch.float32]["packed"] is not packed  # the stale pack was replaced
+        assert packed_now() is not packed  # the stale pack was replaced
         lin.bias.add_(1.0)  # the bias alone changes: the cached bias follows
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
         lin.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor object
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
         lin.weight.data = torch.randn(48, 32)  # new storage, same object and version (what Module.to does)
         assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are left behind
-    assert "_packs" not in clone.__dict__
+    clone = copy.deepcopy(lin)  # oneDNN-packed tensors cannot be copied: they are kept outside the module
+    assert not cache_slot(clone, "packed_linear", create=False) and torch.equal(clone(x), lin(x))
     buf = io.BytesIO()
     torch.save(lin, buf)
     # with autograd the plain path runs, and gradients flow
@@ -139,13 +151,13 @@ def test_packed_linear_follows_weight_updates_copies_and_grad():
 
 # --------------------------------------------------------------------------- window attention in chunks
 def test_attention_chunks_cover_everything_in_order():
-    assert layers.attention_chunks(8, 64, 100, budget=10 ** 6) == [(slice(None), slice(None))]
+    assert kernels.attention_chunks(8, 64, 100, budget=10 ** 6) == [(slice(None), slice(None))]
     # two images per chunk
-    assert layers.attention_chunks(5, 4, 100, budget=800) == [(slice(i, i + 2), slice(None)) for i in (0, 2, 4)]
+    assert kernels.attention_chunks(5, 4, 100, budget=800) == [(slice(i, i + 2), slice(None)) for i in (0, 2, 4)]
     # one image's windows exceed the budget: near-equal runs of windows, image by image
-    chunks = layers.attention_chunks(2, 10, 100, budget=400)
+    chunks = kernels.attention_chunks(2, 10, 100, budget=400)
     assert chunks == [(slice(i, i + 1), slice(w, w + 4)) for i in (0, 1) for w in (0, 4, 8)]
-    assert layers.attention_chunks(1, 3, 100, budget=10) == [(slice(0, 1), slice(w, w + 1)) for w in range(3)]
+    assert kernels.attention_chunks(1, 3, 100, budget=10) == [(slice(0, 1), slice(w, w + 1)) for w in range(3)]
 
 
 @pytest.mark.parametrize("family", ["gcvit", "twins"])
@@ -155,18 +167,17 @@ def test_chunked_window_attention_bit_identical(monkeypatch, family, budget):
 
     torch.manual_seed(0)
     if family == "gcvit":
-        attn = gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False).eval()
+        attn = prepare_for_inference(gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False)).eval()
         x = torch.randn(3, 12, 49, 32)
         run = lambda: attn(x)  # noqa: E731
     else:
-        attn = twins.LocallyGroupedAttention(32, 2, window_size=7).eval()
+        attn = prepare_for_inference(twins.LocallyGroupedAttention(32, 2, window_size=7)).eval()
         x = torch.randn(3, 20 * 25, 32)  # 3 x 4 windows of 7x7 after padding
         run = lambda: attn(x, (20, 25))  # noqa: E731
-    module = gcvit if family == "gcvit" else twins
     with torch.no_grad():
-        monkeypatch.setattr(module, "attention_chunks", lambda *a: [(slice(None), slice(None))])
+        monkeypatch.setattr(modules, "attention_chunks", lambda *a: [(slice(None), slice(None))])
         whole = run()
-        monkeypatch.setattr(module, "attention_chunks", lambda b, w, p: layers.attention_chunks(b, w, p, budget))
+        monkeypatch.setattr(modules, "attention_chunks", lambda b, w, p: kernels.attention_chunks(b, w, p, budget))
         chunked = run()
     assert torch.equal(chunked, whole)
     # with autograd the unchunked path runs (and gives the same values)
@@ -184,11 +195,11 @@ def test_window_attention_releases_qkv_before_proj(family):
 
     torch.manual_seed(0)
     if family == "gcvit":
-        attn = gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False).eval()
+        attn = prepare_for_inference(gcvit.GlobalContextAttention(32, 2, 7, 7, use_global=False)).eval()
         x = torch.randn(2, 4, 49, 32)
         run = lambda: attn(x)  # noqa: E731
     else:
-        attn = twins.LocallyGroupedAttention(32, 2, window_size=7).eval()
+        attn = prepare_for_inference(twins.LocallyGroupedAttention(32, 2, window_size=7)).eval()
         x = torch.randn(2, 14 * 14, 32)
         run = lambda: attn(x, (14, 14))  # noqa: E731
     seen = {}
@@ -201,8 +212,8 @@ def test_window_attention_releases_qkv_before_proj(family):
 
 def test_contiguous_nchw_equals_contiguous():
     tokens = torch.randn(3, 5 * 7, 16)
-    view = layers.tokens_to_map(tokens, (5, 7))  # channels-last view
-    out = layers.contiguous_nchw(view)
+    view = export_ops.tokens_to_map(tokens, (5, 7))  # channels-last view
+    out = export_ops.contiguous_nchw(view)
     assert out.is_contiguous() and torch.equal(out, view.contiguous())
     dense = torch.randn(2, 4, 3, 3)
-    assert layers.contiguous_nchw(dense) is dense
+    assert export_ops.contiguous_nchw(dense) is dense

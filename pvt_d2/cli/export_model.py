@@ -105,7 +105,7 @@ def export_program(module: nn.Module, example: torch.Tensor, dynamic: bool = Tru
     reasoning would turn each such question into a guard on the input size.
     Size-oblivious reasoning takes the general answer and adds a run-time
     check where the answer matters; the backbones copy explicitly while they
-    are recorded (:func:`pvt_d2.modeling.backbone.layers.to_contiguous`), so
+    are recorded (:func:`pvt_d2.modeling.backbone.export_ops.to_contiguous`), so
     the general answer holds at every size in the range (the tests check
     sizes with one window per stage).
 

@@ -7,7 +7,8 @@
 - ``levit.py``    LeViT
 - ``vip.py``      Vision Permutator
 - ``base.py``     the detectron2 Backbone contract every family implements
-- ``layers.py``   shared helpers (padding, windows, position embeddings, SRA, MLP, Linear)
+- ``layers.py``   shared blocks (position embeddings, attention core, SRA, MLP, patch embedding)
+- ``export_ops.py`` shape ops that stay symbolic while a model is recorded (padding, windows, crops)
 - ``key_mapping.py`` checkpoint-mapping pieces; each family file ends with its own mapping
 - ``registry.py`` architecture names -> models, and the detectron2 builders
 - ``manifest.py`` the facts of each family (variants, weights, detection, published numbers)

@@ -29,7 +29,8 @@ from timm.layers import calculate_drop_path_rates
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import LayerNorm2d, to_contiguous
+from .export_ops import to_contiguous
+from .layers import LayerNorm2d
 
 __all__ = [
     "PyramidBackbone",
@@ -122,34 +123,6 @@ class PyramidBackbone(Backbone):
         for module in self.modules():
             if module is not self and hasattr(type(module), "act_checkpoint"):
                 module.act_checkpoint = bool(enabled)
-        return self
-
-    def set_fast_inference(self, enabled: bool = True) -> "PyramidBackbone":
-        """Turn the inference kernels that change float32 rounding (not the function) on (the default) or off.
-
-        On: wherever autograd records nothing (inference, and frozen layers in
-        training), CPU float32 linears run oneDNN's GEMM on weights packed
-        once, with a following GELU / hardswish applied inside it
-        (:class:`~.layers.Linear`); LeViT folds its fixed BatchNorms into the
-        projections before them (:meth:`~.levit.LevitBackbone.set_batchnorm_folding`)
-        and runs its conv stem channels-last; the spatial-reduction and PEG
-        convs of a one-image batch read the tokens' channels-last view instead
-        of an NCHW copy (:func:`~.layers.conv_input`), as do Twins' patch
-        embeddings for any batch (:class:`~.layers.PatchEmbed`); GC ViT's stem runs a
-        batch one image at a time (:func:`~.layers.image_by_image`). Off: every linear is
-        ``nn.Linear``'s ``addmm`` and every BatchNorm runs on its own, the
-        kernels of timm's models, which the outputs then equal bit for bit
-        where the two compute in the same order. Layers being trained,
-        autocast, CUDA and export compute the same either way.
-        ``MODEL.PVT_D2.FAST_INFERENCE`` and
-        ``create_backbone(name, fast_inference=False)`` call this.
-
-        Returns:
-            ``self``.
-        """
-        for module in self.modules():
-            if module is not self and hasattr(type(module), "fast_inference"):
-                module.fast_inference = bool(enabled)
         return self
 
     def _init_pyramid(self, channels: Union[Mapping[str, int], Sequence[int]],

@@ -34,9 +34,7 @@ Any input size (the rule)
       with ``strict=True`` whatever the window policy. When a stage runs with
       another window ``w``, the table is resized bicubically to
       ``(2 * w - 1) ** 2`` on the fly (the official detection code resizes
-      once at build time instead). The resized table is cached while it needs
-      no gradient (inference, frozen stages) and recomputed from the
-      learnable table otherwise. Because the parameters never change shape,
+      once at build time instead). Because the parameters never change shape,
       detectron2's checkpointer (which drops mismatched shapes before
       ``load_state_dict``) loads ImageNet and fine-tuned weights alike.
     * Global queries: the number of max-pool steps of a generator is fixed
@@ -48,20 +46,9 @@ Any input size (the rule)
       window 24. The pooled map is then resized bicubically to the stage's
       window (a no-op at 224 with the ImageNet windows). The generator always
       has the convolutions of the ImageNet model, so its weights always load.
-    * Padding masks are computed once per grid size (a small per-stage cache);
-      relative position indices are fixed buffers.
-    * Speed: the attention is two matmuls around a softmax (timm's
-      formulation; SDPA's generic CPU path taken with a float mask guards
-      against fully masked rows, which cannot occur here), with the bias
-      added in place in inference; the gathered bias of a small window is
-      cached in inference; the MLP's GELU and the residual sums run in
-      place in inference.
-    * Export: while :func:`torch.jit.trace` / :func:`torch.export.export`
-      records the model, the caches are bypassed (the resized bias table and
-      the padding mask are computed in the graph), the window padding and the
-      resize of the global queries always run (exact no-ops when not needed)
-      and the window counts are spelled out in the reshapes, so a TorchScript
-      trace follows any input size.
+    * Export: the window padding and the resize of the global queries always
+      run while the model is recorded (:mod:`.export_ops`; exact no-ops when
+      not needed), so a TorchScript trace follows any input size.
 
 Module and parameter names mirror timm's ``gcvit_*`` models: a timm state
 dict loads with ``load_state_dict(strict=True)`` after dropping ``head.*``.
@@ -84,7 +71,6 @@ First-generation official weights
 """
 import math
 import re
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -93,20 +79,8 @@ from timm.layers import DropPath, LayerScale, SEModule, trunc_normal_
 from torch import nn
 
 from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import (
-    LayerNorm2d,
-    Linear,
-    Mlp,
-    attention_chunks,
-    crop_to,
-    image_by_image,
-    inference_inplace,
-    is_tracing,
-    pad_to_multiple,
-    residual_add,
-    to_contiguous,
-    window_partition,
-)
+from .export_ops import resize_to, to_contiguous, window_partition, window_unpartition
+from .layers import LayerNorm2d, Mlp, attention
 from .key_mapping import (
     FamilyMapping,
     apply_key_fn,
@@ -168,15 +142,7 @@ class MbConvBlock(nn.Module):
         self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_dw(x)
-        if not inference_inplace(y):
-            return x + self.conv_pw(self.se(self.act(y)))
-        # Inference: GELU, squeeze-excite scaling and residual sum overwrite fresh maps (timm's SEModule math),
-        # so a full-resolution block allocates two maps instead of five: the stem runs ~1.25x faster.
-        y = torch.ops.aten.gelu_(y, approximate=self.act.approximate)
-        se = self.se
-        y = y.mul_(se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))))
-        return residual_add(x, self.conv_pw(y))
+        return x + self.conv_pw(self.se(self.act(self.conv_dw(x))))
 
 
 class ReduceSize(nn.Module):
@@ -200,29 +166,13 @@ class ReduceSize(nn.Module):
 class Stem(nn.Module):
     """3x3 stride-2 conv to ``dim`` channels, then a same-width :class:`ReduceSize`: stride 4."""
 
-    #: Inference on a batch runs one image at a time (:func:`~.layers.image_by_image`); see
-    #: :meth:`~.base.PyramidBackbone.set_fast_inference`.
-    fast_inference = True
-
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim, 3, stride=2, padding=1)
         self.down = ReduceSize(dim)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.conv1(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not inference_inplace(x):
-            return self._forward(x)
-        # A channels-last image gives a channels-last conv output (the same values), which the
-        # LayerNorm that follows reads without first copying the largest map of the network.
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.fast_inference and x.shape[0] > 1 and inference_inplace(self.conv1.weight):
-            # no graph through the stem (inference, or frozen): its half-resolution maps of a batch
-            # (25 MB each for 8 images at 224) one image at a time, a ~1.5x faster stem
-            return image_by_image(self._forward, x)
-        return self._forward(x)
+        return self.down(self.conv1(x))
 
 
 class GlobalQueryGenerator(nn.Module):
@@ -256,9 +206,7 @@ class GlobalQueryGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` map to ``(B, window_size**2, C)`` query tokens."""
-        q = self.blocks(x)
-        if is_tracing() or q.shape[-2:] != (self.window_size, self.window_size):  # same size: exact identity
-            q = F.interpolate(q, size=(self.window_size, self.window_size), mode="bicubic", align_corners=False)
+        q = resize_to(self.blocks(x), (self.window_size, self.window_size), mode="bicubic")
         return q.flatten(2).transpose(1, 2)
 
 
@@ -297,21 +245,13 @@ class RelativePositionBias(nn.Module):
     ``relative_position_bias_table`` has the shape of ``pretrain_window_size``
     so that ImageNet checkpoints load unchanged; at another ``window_size``
     the table is resized bicubically (as a ``(2w-1) x (2w-1)`` image per head)
-    before the lookup. The resized table is cached while the table needs no
-    gradient (inference, frozen stages), keyed by the parameter's storage,
-    version counter, device and dtype, so loading weights or an optimizer
-    step invalidates it (in-place edits through ``.data`` do not); when the
-    table is being trained it is resized on every call. The ``(heads, N, N)``
-    lookup itself is redone per call: it is what timm does at 224, and caching
-    it would hold ``heads * N**2`` values per block.
+    before the lookup.
 
     Args:
         window_size: window side used at run time.
         pretrain_window_size: window side the table was learned for.
         num_heads: attention heads.
     """
-
-    LOOKUP_CACHE_MAX_NUMEL = 1 << 19
 
     def __init__(self, window_size: int, pretrain_window_size: int, num_heads: int):
         super().__init__()
@@ -322,10 +262,6 @@ class RelativePositionBias(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size).flatten(),
                              persistent=False)
-        self._cache_key: Optional[tuple] = None
-        self._cache: Optional[torch.Tensor] = None
-        self._lookup_key: Optional[tuple] = None
-        self._lookup: Optional[torch.Tensor] = None
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _resize(self, table: torch.Tensor) -> torch.Tensor:
@@ -337,44 +273,13 @@ class RelativePositionBias(nn.Module):
     def resized_table(self) -> torch.Tensor:
         """The table for ``window_size``, ``((2w-1)**2, heads)``; the parameter itself when no resize is needed."""
         table = self.relative_position_bias_table
-        if self.window_size == self.pretrain_window_size:
-            return table
-        if is_tracing():  # recorded into the graph: a cache keyed on storage cannot be followed
-            return self._resize(table)
-        if torch.is_grad_enabled() and table.requires_grad:
-            self._cache_key = self._cache = None
-            return self._resize(table)
-        key = (table.device, table.dtype, table.data_ptr(), table._version)
-        if self._cache_key != key:
-            self._cache = self._resize(table.detach())
-            self._cache_key = key
-        return self._cache
+        return table if self.window_size == self.pretrain_window_size else self._resize(table)
 
-    def lookup(self) -> torch.Tensor:
-        """The ``(heads, N, N)`` bias gathered from :meth:`resized_table` (uncached)."""
+    def forward(self) -> torch.Tensor:
+        """The ``(heads, N, N)`` additive attention bias, ``N = window_size**2``."""
         n = self.window_size * self.window_size
         table = self.resized_table().t().contiguous()
         return table[:, self.relative_position_index].view(self.num_heads, n, n)
-
-    def forward(self) -> torch.Tensor:
-        """The ``(heads, N, N)`` additive attention bias, ``N = window_size**2``.
-
-        In inference (no gradient needed, nothing recorded) a lookup of at most
-        :attr:`LOOKUP_CACHE_MAX_NUMEL` values is kept, keyed like the resized
-        table, so the ImageNet windows (at most ``8 * 196**2`` values per
-        block) do not gather again per call; larger ones (detection windows)
-        are gathered per call, as timm does.
-        """
-        table = self.relative_position_bias_table
-        if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
-            return self.lookup()
-        if self.num_heads * self.window_size ** 4 > self.LOOKUP_CACHE_MAX_NUMEL:
-            return self.lookup()
-        key = (table.device, table.dtype, table.data_ptr(), table._version, self.relative_position_index.device)
-        if self._lookup_key != key:
-            self._lookup = self.lookup().detach()
-            self._lookup_key = key
-        return self._lookup
 
 
 class GlobalContextAttention(nn.Module):
@@ -406,9 +311,9 @@ class GlobalContextAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.use_global = use_global
         self.rel_pos = RelativePositionBias(window_size, pretrain_window_size, num_heads)
-        self.qkv = Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
@@ -422,52 +327,32 @@ class GlobalContextAttention(nn.Module):
         Returns:
             ``(B, num_windows, N, C)``.
         """
-        return self.proj_drop(self.proj(self._attend_windows(x, q_global, key_padding)))
+        return self.proj_drop(self.proj(self.attend_windows(x, q_global, key_padding)))
 
-    def _attend_windows(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
-                        key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+    def split_qkv(self, x: torch.Tensor, q_global: Optional[torch.Tensor]):
+        """Per-head ``(B, nW, heads, N, head_dim)`` keys and values, and the queries (one window when global)."""
+        b, nw, n, c = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        if not self.use_global:
+            return self.qkv(x).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        if q_global is None:
+            raise ValueError("global-query attention needs q_global")
+        k, v = self.qkv(x).view(b, nw, n, 2, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        return q_global.reshape(b, 1, n, heads, hd).transpose(2, 3), k, v  # queries broadcast over the windows
+
+    def attend_windows(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
+                       key_padding: Optional[torch.Tensor]) -> torch.Tensor:
         """The attention of :meth:`forward` before ``proj``, ``(B, num_windows, N, C)``.
 
         A method of its own so that ``qkv``, the largest tensor of the block (3x
         the tokens), is released when it returns, before ``proj`` allocates its
-        output: a lower peak of memory in inference, which the C allocator then
-        serves from memory it already holds.
+        output (a lower peak of memory).
         """
-        b, nw, n, c = x.shape
-        heads, hd = self.num_heads, self.head_dim
-        if self.use_global:
-            if q_global is None:
-                raise ValueError("global-query attention needs q_global")
-            k, v = self.qkv(x).view(b, nw, n, 2, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
-            q = q_global.reshape(b, 1, n, heads, hd).transpose(2, 3)  # broadcast over the windows
-        else:
-            q, k, v = self.qkv(x).view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = self.rel_pos().to(x.dtype)
-        if not inference_inplace(x):
-            out = self._attend(q, k, v, bias, key_padding)
-        else:  # a few images or windows at a time: their attention weights stay in cache (bit-identical)
-            tokens = x.new_empty(b, nw, n, heads, hd)  # written head-major below: no copy before proj
-            out = tokens.transpose(2, 3)
-            for imgs, wins in attention_chunks(b, nw, heads * n * n):
-                out[imgs, wins] = self._attend(q[imgs, wins if q.shape[1] > 1 else slice(None)], k[imgs, wins],
-                                               v[imgs, wins], bias, None if key_padding is None else key_padding[wins])
-        return out.transpose(2, 3).reshape(b, nw, n, c)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                key_padding: Optional[torch.Tensor]) -> torch.Tensor:
-        """Softmax attention of ``(B, nW, heads, N, head_dim)`` inputs (``q`` may have one window), same layout out."""
-        # Two matmuls around a softmax, as timm: SDPA's generic CPU path (taken with a float mask)
-        # adds guards against fully masked rows, which cannot occur here (every window holds a real key).
-        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, nW, heads, N, N)
-        inplace = inference_inplace(attn)
-        attn = attn.add_(bias) if inplace else attn + bias
-        if key_padding is not None:  # per window, shared by the images of the batch
-            padded = key_padding[:, None, None, :]
-            attn = attn.masked_fill_(padded, float("-inf")) if inplace else attn.masked_fill(padded, float("-inf"))
-        attn = attn.softmax(dim=-1)
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop)
-        return torch.matmul(attn, v)
+        q, k, v = self.split_qkv(x, q_global)
+        mask = None if key_padding is None else key_padding[:, None, None, :]  # per window, shared by the images
+        out = attention(q, k, v, self.scale, self.rel_pos().to(x.dtype), mask,
+                        dropout=self.attn_drop if self.training else 0.0)
+        return out.transpose(2, 3).reshape(x.shape)
 
 
 class GCViTBlock(nn.Module):
@@ -501,29 +386,20 @@ class GCViTBlock(nn.Module):
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # timm's keys (fc1, fc2); GELU in place in inference
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # timm's keys (fc1, fc2)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _attention(self, x: torch.Tensor, q_global: Optional[torch.Tensor],
                    key_padding: Optional[torch.Tensor]) -> torch.Tensor:
-        # Window counts spelled out (no -1 in the reshapes) so that torch.export follows any size.
-        b, h, w, c = x.shape
-        ws = self.window_size
-        nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
-        if is_tracing() or nh * ws != h or nw * ws != w:
-            x = F.pad(x, (0, 0, 0, nw * ws - w, 0, nh * ws - h))
-        windows = to_contiguous(x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5))
-        windows = self.attn(windows.view(b, nh * nw, ws * ws, c), q_global, key_padding)
-        x = to_contiguous(windows.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5))
-        x = x.view(b, nh * ws, nw * ws, c)
-        return crop_to(x, (h, w), channels_last=True)
+        windows = self.attn(window_partition(x, self.window_size), q_global, key_padding)
+        return window_unpartition(windows, self.window_size, (x.shape[1], x.shape[2]))
 
     def forward(self, x: torch.Tensor, q_global: Optional[torch.Tensor] = None,
                 key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Args: ``x`` ``(B, H, W, C)``; ``q_global`` ``(B, N, C)``; ``key_padding`` ``(num_windows, N)`` or None."""
-        x = residual_add(x, self.drop_path1(self.ls1(self._attention(self.norm1(x), q_global, key_padding))))
-        return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+        x = x + self.drop_path1(self.ls1(self._attention(self.norm1(x), q_global, key_padding)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class GCViTStage(nn.Module):
@@ -545,8 +421,6 @@ class GCViTStage(nn.Module):
         mask_padding: exclude padded positions from the attention keys.
     """
 
-    _MASK_CACHE_SIZE = 8
-
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window_size: int,
                  pretrain_window_size: int, num_query_convs: int, pool_steps: int, downsample: bool,
                  stage_norm: bool, mlp_ratio: float, qkv_bias: bool, layer_scale: Optional[float],
@@ -564,33 +438,13 @@ class GCViTStage(nn.Module):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(dim) if stage_norm else nn.Identity()
-        self._mask_cache: "OrderedDict[tuple, Optional[torch.Tensor]]" = OrderedDict()
 
     def key_padding_mask(self, hw: Tuple[int, int], device: torch.device) -> Optional[torch.Tensor]:
-        """``(num_windows, N)`` bool, True at padded positions; None without padding or masking.
-
-        Computed once per grid size and kept in a small LRU cache.
-        """
+        """``(num_windows, N)`` bool, True at padded positions; None without ``mask_padding``."""
         if not self.mask_padding:
             return None
-        if is_tracing():  # no cache, and a mask even without padding, so the graph follows the size
-            valid, _ = pad_to_multiple(torch.ones(1, hw[0], hw[1], 1, dtype=torch.bool, device=device),
-                                       self.window_size, channels_last=True)
-            return ~window_partition(valid, self.window_size).reshape(-1, self.window_size ** 2)
-        key = (hw[0], hw[1], device)
-        if key in self._mask_cache:
-            self._mask_cache.move_to_end(key)
-            return self._mask_cache[key]
-        ws = self.window_size
-        valid = torch.ones(1, hw[0], hw[1], 1, dtype=torch.bool, device=device)
-        valid, (pad_h, pad_w) = pad_to_multiple(valid, ws, channels_last=True)
-        mask = None
-        if pad_h or pad_w:
-            mask = ~window_partition(valid, ws).reshape(-1, ws * ws)
-        self._mask_cache[key] = mask
-        if len(self._mask_cache) > self._MASK_CACHE_SIZE:
-            self._mask_cache.popitem(last=False)
-        return mask
+        valid = window_partition(torch.ones(1, hw[0], hw[1], 1, dtype=torch.bool, device=device), self.window_size)
+        return ~valid.reshape(-1, self.window_size ** 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` to ``(B, C, H', W')``."""

@@ -34,29 +34,19 @@ in one of two ways (``attn_mode``):
   clamped per axis to the largest learned one (``min(|dy|, R - 1)``).
 
 On the pretraining grid (224 input) both modes are the classifier exactly.
-The per-grid offset indices are built once per grid, device and layer
-geometry (:func:`tile_geometry`, an LRU cache keyed by the grid); each forward
-only gathers the current bias values with them. While :func:`torch.jit.trace`
-or :func:`torch.export.export` records the model the cache is bypassed: the
-indices are built with tensor ops from the symbolic / traced sizes
-(:func:`build_tile_geometry`), the key mask is always applied and the tile
-shapes are spelled out, so a TorchScript trace follows any input size.
+The offset indices of a grid are built with tensor ops from its (possibly
+symbolic) size (:func:`build_tile_geometry`), and the key mask is always
+applied, so a TorchScript trace follows any input size.
 
 BatchNorm: ``norm="FrozenBN"`` (default, detection) fixes the statistics and
 affine parameters, ``"BN"`` keeps plain BatchNorm, ``"SyncBN"`` synchronizes
-it across processes. :meth:`LevitBackbone.set_batchnorm_folding` folds every
-fixed BatchNorm into the projection before it, as the official code does for
-inference (off by default: in float32 it changes the rounding, not the
-function; the state dict never changes).
+it across processes. :func:`pvt_d2.inference.prepare_for_inference` folds
+every fixed BatchNorm into the projection before it, as the official code
+does for inference (the state dict never changes).
 
-Speed: in inference the gathered attention biases are cached per grid (small
-LRU per layer), the attention is two matmuls around a softmax with the biases
-added in place (timm's formulation, bit-identical to it), and the returned
-``res4``-``res6`` maps are channels-last views of the token maps (no copy).
 Module names follow timm's linear ``levit_*`` models;
 their checkpoints load after dropping ``head.*`` and ``head_dist.*``.
 """
-import functools
 import math
 import re
 from collections import OrderedDict
@@ -70,7 +60,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import FUSED_ACTIVATIONS, Linear, crop_to, inference_inplace, is_tracing, packed_linear, to_contiguous
+from .export_ops import window_partition, window_unpartition
+from .layers import attention
 from .key_mapping import FamilyMapping, apply_key_fn, as_tuple, blocks_per_stage, register_mapping, shape_at
 from .manifest import FamilyManifest, Option, Variant, Weights, register_family
 
@@ -78,7 +69,6 @@ __all__ = [
     "FrozenBatchNorm1d",
     "convert_batchnorm",
     "TileGeometry",
-    "tile_geometry",
     "build_tile_geometry",
     "LevitAttention",
     "ShrinkAttention",
@@ -154,86 +144,8 @@ def convert_batchnorm(module: nn.Module, norm: str) -> nn.Module:
     return module
 
 
-def batchnorm_affine(bn: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel, or None when ``bn`` is not fixed.
-
-    A BatchNorm is a fixed affine map when frozen (:class:`FrozenBatchNorm1d`,
-    detectron2's ``FrozenBatchNorm2d``: in any mode) or when a plain /
-    synchronized BatchNorm runs in eval mode on its running statistics. In
-    training mode a plain BatchNorm normalises with the batch statistics and
-    cannot be folded.
-    """
-    if isinstance(bn, FrozenBatchNorm2d):  # FrozenBatchNorm1d included
-        weight, bias = bn.weight, bn.bias
-    elif isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        if bn.training or bn.running_mean is None:
-            return None
-        weight = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        bias = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-    else:
-        return None
-    scale = weight * (bn.running_var + bn.eps).rsqrt()
-    return scale, bias - bn.running_mean * scale
-
-
-class _FoldableBN(nn.Module):
-    """A bias-free projection ``linear`` followed by BatchNorm ``bn``, folded into one projection when possible.
-
-    In inference (no autograd graph recorded; :attr:`fast_inference`, on by
-    default), and in training too once :attr:`fold_batchnorm` is set, the pair
-    is computed as one projection with weight ``W * scale`` and bias
-    ``shift`` whenever the BatchNorm is a fixed affine map
-    (:func:`batchnorm_affine`: frozen, or in eval mode), as the official LeViT
-    code does for inference (``model/levit.py`` of facebookresearch/LeViT
-    fuses each ``Conv2d_BN`` / ``Linear_BN``); this removes a full pass over
-    the activations. The folded weights are derived values, never parameters
-    or buffers, so the state dict is unchanged. They are cached while no
-    gradient is needed (keyed on the storage and version counters of the five
-    source tensors, so loading weights invalidates them) and recomputed in the
-    graph otherwise (training with frozen BatchNorm, tracing, export), where
-    folding is the same function with the same gradients; in float32 the
-    outputs differ from the unfolded ones by rounding only (~3e-6 relative).
-    """
-
-    #: Fold also while autograd records (frozen BatchNorm in training); see :meth:`LevitBackbone.set_batchnorm_folding`.
-    fold_batchnorm = False
-    #: Fold in inference; see :meth:`~.base.PyramidBackbone.set_fast_inference`.
-    fast_inference = True
-
-    def __init__(self):
-        super().__init__()
-        self._folded_key: Optional[tuple] = None
-        self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    def folded(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(weight, bias)`` of the folded projection, or None when the BatchNorm is not to be or cannot be folded."""
-        bn, weight = self.bn, self.linear.weight
-        sources = [weight] + [t for t in (getattr(bn, "weight", None), getattr(bn, "bias", None),
-                                          bn.running_mean, bn.running_var) if t is not None]
-        recorded = is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-        if not (self.fold_batchnorm or (self.fast_inference and not recorded)):
-            return None
-        if not recorded:
-            key = (bn.training, weight.device, weight.dtype) + tuple((t.data_ptr(), t._version) for t in sources)
-            if key == self._folded_key:
-                return self._folded
-        affine = batchnorm_affine(bn)
-        if affine is None:
-            return None
-        scale, shift = affine
-        folded = (weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1)), shift)
-        if not recorded:
-            self._folded_key, self._folded = key, tuple(t.detach() for t in folded)
-        return folded
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_packs", None)  # oneDNN-packed tensors can be neither pickled nor deep-copied
-        return state
-
-
-class ConvBN(_FoldableBN):
-    """Bias-free convolution followed by BatchNorm2d (folded when fixed, see :class:`_FoldableBN`)."""
+class ConvBN(nn.Module):
+    """Bias-free convolution followed by BatchNorm2d."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int = 3, stride: int = 2,
                  padding: int = 1):
@@ -242,15 +154,11 @@ class ConvBN(_FoldableBN):
         self.bn = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        folded = self.folded()
-        if folded is not None:
-            conv = self.linear
-            return F.conv2d(x, folded[0], folded[1], conv.stride, conv.padding, conv.dilation, conv.groups)
         return self.bn(self.linear(x))
 
 
-class LinearBN(_FoldableBN):
-    """Bias-free Linear on the last dim followed by BatchNorm over all tokens (folded when fixed).
+class LinearBN(nn.Module):
+    """Bias-free Linear on the last dim followed by BatchNorm over all tokens.
 
     Args:
         in_features: input channels.
@@ -261,21 +169,13 @@ class LinearBN(_FoldableBN):
 
     def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0):
         super().__init__()
-        self.linear = Linear(in_features, out_features, bias=False)  # oneDNN-packed weights in inference
+        self.linear = nn.Linear(in_features, out_features, bias=False)
         self.bn = nn.BatchNorm1d(out_features)
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
-    def forward(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-        """``activation(bn(linear(x)))``; ``activation`` is None or a key of :data:`~.layers.FUSED_ACTIVATIONS`."""
-        folded = self.folded()
-        if folded is not None:  # one GEMM on the flattened tokens, on a packed copy of the folded weight
-            packs = self.__dict__.setdefault("_packs", {})
-            y = packed_linear(x.reshape(-1, x.shape[-1]), folded[0], folded[1], packs, activation,
-                              self.fast_inference)
-            return y.view(x.shape[:-1] + (-1,))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x)
-        x = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        return x if activation is None else FUSED_ACTIVATIONS[activation][0](x)
+        return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -363,7 +263,7 @@ def _axis_layout(length, table: int, stride: int, windowed: bool, device: torch.
 
 def build_tile_geometry(grid, table: int, stride: int, windowed: bool, device: torch.device,
                         always_mask: bool = False) -> TileGeometry:
-    """The :class:`TileGeometry` of a layer on a ``grid`` of keys (uncached; see :func:`tile_geometry`).
+    """The :class:`TileGeometry` of a layer on a ``grid`` of keys.
 
     Args:
         grid: key map size ``(H, W)``: ints, or the symbolic / traced sizes
@@ -391,18 +291,6 @@ def build_tile_geometry(grid, table: int, stride: int, windowed: bool, device: t
     return TileGeometry((ty, tx), (sy, sx), (qy, qx), off_y, off_x, key_mask, slot_source, query_slot)
 
 
-@functools.lru_cache(maxsize=256)
-def tile_geometry(grid: Tuple[int, int], table: int, stride: int, windowed: bool,
-                  device: torch.device) -> TileGeometry:
-    """The cached :class:`TileGeometry` of a layer on a ``grid`` of keys (eager mode).
-
-    Built once per grid, table, stride, mode and device by
-    :func:`build_tile_geometry`; tracing and exporting bypass the cache (see
-    :meth:`_OffsetBiasAttention.geometry`).
-    """
-    return build_tile_geometry(grid, table, stride, windowed, device)
-
-
 # ---------------------------------------------------------------------------
 # Attention layers
 # ---------------------------------------------------------------------------
@@ -417,9 +305,6 @@ class _OffsetBiasAttention(nn.Module):
         attn_mode: ``"window"`` or ``"global"`` (see the module docstring).
     """
 
-    BIAS_CACHE_SIZE = 4  # geometries (grid sizes) whose gathered biases are kept in inference
-    BIAS_CACHE_MAX_NUMEL = 1 << 22  # larger gathers are not kept
-
     def __init__(self, num_heads: int, key_dim: int, table_size: int, stride: int, attn_mode: str):
         super().__init__()
         if attn_mode not in ATTN_MODES:
@@ -431,14 +316,11 @@ class _OffsetBiasAttention(nn.Module):
         self.stride = stride
         self.attn_mode = attn_mode
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size * table_size))
-        self._bias_cache: "OrderedDict[tuple, Tuple[TileGeometry, torch.Tensor]]" = OrderedDict()
 
     def geometry(self, grid: Tuple[int, int], device: torch.device) -> TileGeometry:
-        """The geometry of this layer on a key ``grid``: cached in eager mode, rebuilt in the graph when recording."""
+        """The geometry of this layer on a key ``grid`` (with a key mask even where nothing is padded)."""
         windowed = self.attn_mode == "window"
-        if is_tracing():
-            return build_tile_geometry(grid, self.table_size, self.stride, windowed, device, always_mask=True)
-        return tile_geometry((int(grid[0]), int(grid[1])), self.table_size, self.stride, windowed, device)
+        return build_tile_geometry(grid, self.table_size, self.stride, windowed, device, always_mask=True)
 
     def gather_bias(self, geo: TileGeometry) -> torch.Tensor:
         """The learned biases of every (tile layout, head, query slot, key): ``(1 or tiles, heads, Q, K)``."""
@@ -448,60 +330,23 @@ class _OffsetBiasAttention(nn.Module):
         h, t_y, t_x, q_y, q_x, k_y, k_x = bias.shape
         return bias.reshape(h, t_y * t_x, q_y * q_x, k_y * k_x).transpose(0, 1)
 
-    def attention_bias(self, geo: TileGeometry) -> torch.Tensor:
-        """:meth:`gather_bias`, cached per geometry in inference.
-
-        The gathered biases are kept (a small LRU over geometries) while the
-        table needs no gradient and nothing is being recorded, keyed on the
-        table's storage, version counter and dtype; a gather larger than
-        :attr:`BIAS_CACHE_MAX_NUMEL` values (global mode on large maps) is
-        recomputed each time instead of held.
-        """
-        table = self.attention_biases
-        if is_tracing() or (torch.is_grad_enabled() and table.requires_grad):
-            return self.gather_bias(geo)
-        key = (id(geo), table.device, table.dtype, table.data_ptr(), table._version)
-        hit = self._bias_cache.get(key)
-        if hit is not None and hit[0] is geo:
-            self._bias_cache.move_to_end(key)
-            return hit[1]
-        bias = self.gather_bias(geo).detach()
-        if bias.numel() <= self.BIAS_CACHE_MAX_NUMEL:
-            self._bias_cache[key] = (geo, bias)  # holding the geometry keeps its id() unique
-            while len(self._bias_cache) > self.BIAS_CACHE_SIZE:
-                self._bias_cache.popitem(last=False)
-        return bias
-
     def attention_mask(self, geo: TileGeometry) -> torch.Tensor:
         """Additive mask ``(tiles or 1, heads, queries, keys)``: biases plus key padding."""
-        bias = self.attention_bias(geo)
-        if geo.key_mask is not None:
-            bias = bias + geo.key_mask
-        return bias
+        bias = self.gather_bias(geo)
+        return bias if geo.key_mask is None else bias + geo.key_mask
 
-    def to_tiles(self, x: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
-        """``(B, H, W, C)`` map to ``(B, tiles, keys per tile, C)``, padded in window mode.
-
-        Shapes are spelled out from the tile counts of ``geo`` (no ``-1``), so
-        :func:`torch.export.export` follows them symbolically for any size.
-        """
+    def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` map to ``(B, tiles, keys per tile, C)``, padded in window mode."""
+        if self.attn_mode == "window":
+            return window_partition(x, self.table_size)
         b, h, w, c = x.shape
-        if self.attn_mode == "global":
-            return x.reshape(b, 1, h * w, c)
-        r, (ty, tx) = self.table_size, geo.tiles
-        if is_tracing() or ty * r != h or tx * r != w:
-            x = F.pad(x, (0, 0, 0, tx * r - w, 0, ty * r - h))
-        x = x.view(b, ty, r, tx, r, c).permute(0, 1, 3, 2, 4, 5)
-        return to_contiguous(x).view(b, ty * tx, r * r, c)  # a copy for any tile count (see to_contiguous)
+        return x.reshape(b, 1, h * w, c)
 
-    def from_tiles(self, x: torch.Tensor, geo: TileGeometry, hw: Tuple[int, int]) -> torch.Tensor:
+    def from_tiles(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Inverse of :meth:`to_tiles`, cropping the padding."""
-        b, c, r = x.shape[0], x.shape[-1], self.table_size
-        if self.attn_mode == "global":
-            return x.reshape(b, hw[0], hw[1], c)
-        ty, tx = geo.tiles
-        x = to_contiguous(x.reshape(b, ty, tx, r, r, c).permute(0, 1, 3, 2, 4, 5)).view(b, ty * r, tx * r, c)
-        return crop_to(x, hw, channels_last=True)
+        if self.attn_mode == "window":
+            return window_unpartition(x, self.table_size, hw)
+        return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
 
     def split_heads(self, x: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
         """``(B, T, N, heads * sum(sizes))`` to per-head ``(B, T, heads, N, size)`` pieces."""
@@ -509,26 +354,9 @@ class _OffsetBiasAttention(nn.Module):
         parts = x.view(b, t, n, self.num_heads, -1).split(list(sizes), dim=-1)
         return [p.permute(0, 1, 3, 2, 4) for p in parts]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geo: TileGeometry) -> torch.Tensor:
-        """Biased attention per tile; returns ``(B, T, queries, heads * value_dim)``.
-
-        Written out as two matmuls around a softmax, as timm and the official
-        code do: with a per-tile float mask on 5-d inputs SDPA takes its
-        generic CPU path, which adds guards against fully masked rows (none
-        exist here: every tile holds at least one real key). In inference the
-        biases and the key mask are added in place.
-        """
-        attn = torch.matmul(q * self.scale, k.transpose(-2, -1))
-        bias = self.attention_bias(geo).to(attn.dtype)
-        if inference_inplace(attn):
-            attn += bias
-            if geo.key_mask is not None:
-                attn += geo.key_mask.to(attn.dtype)
-        else:
-            attn = attn + bias
-            if geo.key_mask is not None:
-                attn = attn + geo.key_mask.to(attn.dtype)
-        out = torch.matmul(attn.softmax(dim=-1), v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention per tile with the additive ``mask`` (:meth:`attention_mask`); ``(B, T, queries, heads * d_v)``."""
+        out = attention(q, k, v, self.scale, mask.to(q.dtype))
         b, t, _, n, _ = out.shape
         return out.permute(0, 1, 3, 2, 4).reshape(b, t, n, -1)
 
@@ -558,9 +386,8 @@ class LevitAttention(_OffsetBiasAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hw = (x.shape[1], x.shape[2])
         geo = self.geometry(hw, x.device)
-        qkv = self.to_tiles(self.qkv(x), geo)
-        q, k, v = self.split_heads(qkv, (self.key_dim, self.key_dim, self.val_dim))
-        out = self.from_tiles(self.attend(q, k, v, geo), geo, hw)
+        q, k, v = self.split_heads(self.to_tiles(self.qkv(x)), (self.key_dim, self.key_dim, self.val_dim))
+        out = self.from_tiles(self.attend(q, k, v, self.attention_mask(geo)), hw)
         return self.proj(out)
 
 
@@ -606,14 +433,14 @@ class ShrinkAttention(_OffsetBiasAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         geo = self.geometry((x.shape[1], x.shape[2]), x.device)
-        k, v = self.split_heads(self.to_tiles(self.kv(x), geo), (self.key_dim, self.val_dim))
+        k, v = self.split_heads(self.to_tiles(self.kv(x)), (self.key_dim, self.val_dim))
         q = self.q(x)
         b, hq, wq, c = q.shape
         q = q.reshape(b, hq * wq, c)
         if geo.slot_source is not None:
             q = q[:, geo.slot_source]
         (q,) = self.split_heads(q.reshape(b, geo.num_tiles, -1, c), (self.key_dim,))
-        out = self.attend(q, k, v, geo).reshape(b, -1, self.num_heads * self.val_dim)
+        out = self.attend(q, k, v, self.attention_mask(geo)).reshape(b, -1, self.num_heads * self.val_dim)
         if geo.query_slot is not None:
             out = out[:, geo.query_slot]
         return self.proj(out.reshape(b, hq, wq, -1))
@@ -632,7 +459,7 @@ class LevitMlp(nn.Module):
         self.ln2 = LinearBN(hidden_dim, dim, bn_weight_init=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln2(self.ln1(x, activation="hardswish"))  # the GEMM applies it (self.act has no state)
+        return self.ln2(self.act(self.ln1(x)))
 
 
 class LevitBlock(nn.Module):
@@ -687,18 +514,7 @@ class LevitStage(nn.Module):
 
 
 class LevitStem(nn.Sequential):
-    """Four 3x3 stride-2 Conv+BN layers (C/8, C/4, C/2, C) with Hardswish between them.
-
-    When autograd records none of its parameters (inference, or a frozen
-    stem) and :attr:`fast_inference` is on, the image is made channels-last
-    first: oneDNN then runs the four convs without reordering their inputs
-    and outputs (the stem ~1.25x faster at 224, batch 8), the Hardswish runs
-    in place, and the last conv's output already has the token layout of the
-    stages. Same function; the convs round differently (~6e-7 here).
-    """
-
-    #: Channels-last stem in inference; see :meth:`~.base.PyramidBackbone.set_fast_inference`.
-    fast_inference = True
+    """Four 3x3 stride-2 Conv+BN layers (C/8, C/4, C/2, C) with Hardswish between them."""
 
     def __init__(self, in_chans: int, dim: int):
         chans = [in_chans, dim // 8, dim // 4, dim // 2, dim]
@@ -709,20 +525,13 @@ class LevitStem(nn.Sequential):
                 layers[f"act{i + 1}"] = nn.Hardswish()
         super().__init__(layers)
 
-    @staticmethod
-    def _act(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.hardswish(x, inplace=True) if inference_inplace(x) else act(x)
-
     def forward_res2(self, x: torch.Tensor) -> torch.Tensor:
         """The stride-4 map (``res2``): the first two Conv+BN layers and their activations."""
-        recorded = is_tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        if self.fast_inference and not recorded:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self._act(self.act2, self.conv2(self._act(self.act1, self.conv1(x))))
+        return self.act2(self.conv2(self.act1(self.conv1(x))))
 
     def forward_res3(self, res2: torch.Tensor) -> torch.Tensor:
         """The stride-8 map (``res3``) from ``res2``."""
-        return self._act(self.act3, self.conv3(res2))
+        return self.act3(self.conv3(res2))
 
 
 # ---------------------------------------------------------------------------
@@ -791,29 +600,6 @@ class LevitBackbone(PyramidBackbone):
         channels = {"res2": c // 4, "res3": c // 2, "res4": c, "res5": embed_dims[1], "res6": embed_dims[2]}
         strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32, "res6": 64}
         self._init_pyramid(channels, strides, out_features, output_norm, freeze_at)
-
-    def set_batchnorm_folding(self, enabled: bool = True) -> "LevitBackbone":
-        """Fold every BatchNorm into the projection before it whenever the BatchNorm is fixed.
-
-        With folding on, each Conv+BN / Linear+BN pair whose BatchNorm is a
-        fixed affine map (frozen BatchNorm in any mode, plain or synchronized
-        BatchNorm in eval mode) runs as one projection with folded weights,
-        as the official LeViT code fuses its BatchNorms for inference (see
-        :class:`_FoldableBN`). Same function; in float32 the outputs differ
-        from the unfolded ones by rounding only. The state dict and the
-        parameters are untouched (the folded weights are derived and cached
-        separately), so checkpoints saved with folding on load anywhere.
-
-        Args:
-            enabled: fold (True) or run each projection and BatchNorm separately (False, the default).
-
-        Returns:
-            ``self``.
-        """
-        for m in self.modules():
-            if isinstance(m, _FoldableBN):
-                m.fold_batchnorm = bool(enabled)
-        return self
 
     @classmethod
     def family_kwargs_from_cfg(cls, cfg) -> Dict[str, str]:

@@ -24,15 +24,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import (
-    Mlp,
-    PatchEmbed,
-    SpatialReductionAttention,
-    init_weights,
-    residual_add,
-    resize_pos_embed,
-    tokens_to_map,
-)
+from .export_ops import tokens_to_map
+from .layers import Mlp, PatchEmbed, SpatialReductionAttention, init_weights, resize_pos_embed
 from .key_mapping import (
     FamilyMapping,
     identity,
@@ -72,8 +65,8 @@ class PVTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dwconv=dwconv, extra_relu=linear)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = residual_add(x, self.drop_path(self.attn(self.norm1(x), hw)))
-        return residual_add(x, self.drop_path(self.mlp(self.norm2(x), hw)))
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
 
 
 class AbsolutePositionEmbedding(nn.Module):

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .base import PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import init_weights, map_to_tokens, tokens_to_map
+from .export_ops import map_to_tokens, tokens_to_map
+from .layers import init_weights
 from .pvt import PVTBlock
 from .key_mapping import (
     FamilyMapping,

@@ -90,8 +90,8 @@ def create_backbone(name: str, **kwargs):
     Keyword arguments override or extend the variant's own (``out_features``,
     ``drop_path_rate``, ``freeze_at``, ...); ``act_checkpoint=True`` turns on
     activation checkpointing (:meth:`~.base.PyramidBackbone.set_act_checkpoint`),
-    ``fast_inference=False`` turns off the inference kernels that change float32
-    rounding (:meth:`~.base.PyramidBackbone.set_fast_inference`), ``pretrained``
+    ``fast_inference=False`` leaves out the CPU inference kernels that change
+    float32 rounding (:func:`pvt_d2.inference.prepare_for_inference`), ``pretrained``
     (a file or URL, ``MODEL.PVT_D2.PRETRAINED``) loads ImageNet weights.
     """
     spec = get_arch(name)
@@ -100,7 +100,7 @@ def create_backbone(name: str, **kwargs):
     pretrained = kwargs.pop("pretrained", "")
     model = spec.model_cls(**{**spec.kwargs, **kwargs})
     load_imagenet_weights(model, pretrained)
-    return model.set_act_checkpoint(act_checkpoint).set_fast_inference(fast_inference)
+    return _prepared(model.set_act_checkpoint(act_checkpoint), fast_inference)
 
 
 def load_imagenet_weights(backbone, pretrained: str) -> None:
@@ -145,9 +145,16 @@ def _backbone_from_cfg(cfg, input_shape: ShapeSpec):
     model = model_cls(**kwargs)
     if not cfg.MODEL.WEIGHTS:
         load_imagenet_weights(model, cfg.MODEL.PVT_D2.PRETRAINED)
-    model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT)
+    model = _prepared(model.set_act_checkpoint(cfg.MODEL.PVT_D2.ACTIVATION_CHECKPOINT), cfg.MODEL.PVT_D2.FAST_INFERENCE)
     _CONFIG_OPTIMIZER[model] = cfg.SOLVER.get("OPTIMIZER", "SGD").upper()
-    return model.set_fast_inference(cfg.MODEL.PVT_D2.FAST_INFERENCE)
+    return model
+
+
+def _prepared(model, fast_inference: bool):
+    """``model`` with the CPU inference kernels swapped in when ``fast_inference`` (``MODEL.PVT_D2.FAST_INFERENCE``)."""
+    from ...inference import prepare_for_inference  # the engine builds on the models, not the other way round
+
+    return prepare_for_inference(model) if fast_inference else model
 
 
 # Backbones built from a config -> the config's SOLVER.OPTIMIZER, which pvt_d2.engine.optim checks at the first

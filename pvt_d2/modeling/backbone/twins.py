@@ -43,28 +43,12 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from .base import LEVEL_NAMES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import (
-    Linear,
-    Mlp,
-    PatchEmbed,
-    SpatialReductionAttention,
-    attention_chunks,
-    conv_input,
-    crop_to,
-    inference_inplace,
-    init_weights,
-    map_to_tokens,
-    pad_to_multiple,
-    residual_add,
-    tokens_to_map,
-    window_partition,
-    window_unpartition,
-)
+from .export_ops import map_to_tokens, tokens_to_map, window_partition, window_unpartition
+from .layers import Mlp, PatchEmbed, SpatialReductionAttention, attention, conv_input, init_weights
 from .key_mapping import (
     CLASSIFIER_KEY_PREFIXES,
     FamilyMapping,
@@ -107,60 +91,46 @@ class LocallyGroupedAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, dim * 3)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Attend inside windows of ``x`` (``(B, H*W, C)`` tokens on grid ``hw``)."""
         b, n, c = x.shape
-        h, w = hw
-        ws = self.window_size
-        grid, _ = pad_to_multiple(x.view(b, h, w, c), ws, channels_last=True)
-        padded_hw = (grid.shape[1], grid.shape[2])
-        num_windows = (padded_hw[0] // ws) * (padded_hw[1] // ws)  # sizes spelled out for torch.export
         # (B, windows, ws*ws, C): the image and window axes stay apart, the batch
         # layout of the reference, so the attention products sum identically.
-        out = self._attend_windows(window_partition(grid, ws).reshape(b, num_windows, ws * ws, c))
-        out = crop_to(window_unpartition(out.view(b * num_windows, ws, ws, c), ws, padded_hw, batch=b), hw,
-                      channels_last=True)
+        out = self.attend_windows(window_partition(x.view(b, hw[0], hw[1], c), self.window_size))
+        out = window_unpartition(out, self.window_size, hw)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
-    def _attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
+    def attend_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """Attention (before ``proj``) of ``(B, windows, ws*ws, C)`` windows, same shape out.
 
         A method of its own so that ``qkv``, the largest tensor of the block (3x
         the tokens), is released when it returns, before the window merge and
-        ``proj`` allocate theirs: a lower peak of memory in inference, which
-        the C allocator then serves from memory it already holds.
+        ``proj`` allocate theirs (a lower peak of memory).
         """
         b, num_windows, n, c = windows.shape
-        heads = self.num_heads
-        qkv = self.qkv(windows).reshape(b, num_windows, n, 3, heads, c // heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, windows, heads, ws*ws, C/heads)
-        if not inference_inplace(windows):
-            return self._attention(q, k, v).transpose(2, 3).reshape(b, num_windows, n, c)
-        # a few images or windows at a time: their attention weights stay in cache (bit-identical),
-        # written head-major into token-major memory (the transpose back is a view)
-        out = windows.new_empty(b, num_windows, n, heads, c // heads).transpose(2, 3)
-        for imgs, wins in attention_chunks(b, num_windows, heads * n * n):
-            out[imgs, wins] = self._attention(q[imgs, wins], k[imgs, wins], v[imgs, wins])
-        return out.transpose(2, 3).view(b, num_windows, n, c)
+        q, k, v = self.split_qkv(windows)
+        return self.attend(q, k, v).transpose(2, 3).reshape(b, num_windows, n, c)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def split_qkv(self, windows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv`` of the windows as three ``(B, windows, heads, ws*ws, C/heads)`` tensors."""
+        b, num_windows, n, c = windows.shape
+        qkv = self.qkv(windows).reshape(b, num_windows, n, 3, self.num_heads, c // self.num_heads)
+        return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention over the last two axes of 5-d inputs.
 
-        The same products as :func:`~torch.nn.functional.scaled_dot_product_attention`'s
-        reference ("math") kernel, which is what SDPA runs on 5-d inputs (bit
-        for bit, query and key each scaled by the root of the scale), without
-        its extra passes for fully masked rows: there is no mask here.
+        The products of :func:`~torch.nn.functional.scaled_dot_product_attention`'s
+        reference ("math") kernel, which SDPA runs on 5-d inputs (query and key
+        each scaled by the root of the scale), without its passes for fully
+        masked rows: there is no mask here.
         """
         scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
-        attn = (q * scale) @ (k.transpose(-2, -1) * scale)
-        attn = attn.softmax(dim=-1)
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop)
-        return attn @ v
+        return attention(q, k, v, scale, key_scale=scale, dropout=self.attn_drop if self.training else 0.0)
 
 
 class PositionEncodingGenerator(nn.Module):
@@ -170,17 +140,13 @@ class PositionEncodingGenerator(nn.Module):
         dim: channels of the tokens.
     """
 
-    #: Inference convolves one image's map in its channels-last layout (:func:`~.layers.conv_input`); see
-    #: :meth:`~.base.PyramidBackbone.set_fast_inference`.
-    fast_inference = True
-
     def __init__(self, dim: int):
         super().__init__()
         # A one-element Sequential keeps the reference key names (proj.0.*).
         self.proj = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim))
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        feat = conv_input(tokens_to_map(x, hw), keep_view=self.fast_inference and inference_inplace(x))
+        feat = conv_input(tokens_to_map(x, hw))
         return map_to_tokens(self.proj(feat) + feat)
 
 
@@ -218,8 +184,8 @@ class TwinsBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = residual_add(x, self.drop_path1(self.attn(self.norm1(x), hw)))
-        return residual_add(x, self.drop_path2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class Twins(PyramidBackbone):
@@ -264,7 +230,7 @@ class Twins(PyramidBackbone):
         self.patch_embeds = nn.ModuleList()
         prev_dim = in_chans
         for i, dim in enumerate(embed_dims):
-            # The reference's NCHW patch convs keep the results bit-identical to it (fast inference aside).
+            # The reference's NCHW patch convs keep the results bit-identical to it.
             self.patch_embeds.append(PatchEmbed(prev_dim, dim, patch_size if i == 0 else 2, nchw_conv=True))
             prev_dim = dim
 

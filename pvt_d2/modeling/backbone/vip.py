@@ -25,15 +25,12 @@ pretraining. Here the height (width) mixing runs over consecutive windows of
 ``segment_dim`` rows (columns): the map is zero-padded at the bottom (right)
 to a multiple of ``segment_dim``, every window is mixed by the pretrained
 layer independently, and the padding is cropped away. Padded positions only
-feed zeros into the mixing of real positions, so the partial last window is
-computed with the leading rows/columns of the weight instead of materializing
-the padding (same result, less work). At the native grid there is a
+feed zeros into the mixing of real positions. At the native grid there is a
 single window and no padding, so the block is the original one; the
 split-attention weights use a mean over the real positions only, which does
-not depend on the size either. While :func:`torch.jit.trace` or
-:func:`torch.export.export` records the model, the mixing takes the padded
-form instead (pad, mix every window, crop with an index), whose shapes follow
-the input size, so a TorchScript trace works at any size.
+not depend on the size either. (:mod:`pvt_d2.inference` computes a partial
+last window with the leading rows and columns of the weight instead of
+materializing the padding: the same function.)
 
 Exact strides 4, 8, 16, 32 -- input resampling and a simple feature pyramid.
 The native patch strides are 7 (``vip_*7``) and 14 (``vip_s14``). The image
@@ -74,12 +71,8 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .base import LEVEL_NAMES, LEVEL_STRIDES, PyramidBackbone, checkpoint_block, drop_path_rates
-from .layers import (
-    LayerNorm2d,
-    init_weights,
-    is_tracing,
-    pad_to_multiple,
-)
+from .export_ops import crop_axis, max_pool2x2_ceil, pad_axis_to_multiple, pad_to_multiple
+from .layers import LayerNorm2d, init_weights
 from .key_mapping import (
     CLASSIFIER_KEY_PREFIXES,
     FamilyMapping,
@@ -99,11 +92,12 @@ __all__ = [
     "UpsampleNeck",
     "DownsampleNeck",
     "mix_in_windows",
+    "mix_windows",
 ]
 
 
 
-def _mix_windows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
+def mix_windows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int,
                  num_windows=None) -> torch.Tensor:
     """Mix ``(B, R, N, C)`` along ``N`` in windows of ``win = weight.shape[1] / (C / groups)`` positions.
 
@@ -127,13 +121,9 @@ def mix_in_windows(x: torch.Tensor, proj: nn.Linear, length: int) -> torch.Tenso
     """Permute-MLP mixing along the third axis of ``x`` in windows of ``length`` positions.
 
     The channels are read as ``length`` groups of ``S = C / length`` channels.
-    Within every window of ``length`` consecutive positions, the
-    ``length x S`` values of one group are mixed by ``proj`` (a
-    ``Linear(C, C)``). Mathematically the axis is zero-padded to a multiple of
-    ``length``, mixed and cropped. The last, partial window of ``k`` positions
-    is computed without materializing the padding: zero inputs contribute
-    nothing and cropped outputs are not needed, so it is the same as using the
-    leading ``k * S`` rows and columns of the weight (and bias).
+    The axis is zero-padded to a multiple of ``length``; within every window
+    of ``length`` consecutive positions, the ``length x S`` values of one
+    group are mixed by ``proj`` (a ``Linear(C, C)``); the padding is cropped.
 
     Args:
         x: ``(B, R, N, C)``; mixing runs along ``N`` independently for every
@@ -145,22 +135,9 @@ def mix_in_windows(x: torch.Tensor, proj: nn.Linear, length: int) -> torch.Tenso
     Returns:
         ``(B, R, N, C)``.
     """
-    n, c = x.shape[2], x.shape[3]
-    if is_tracing():
-        # Recorded graphs take the padded form, whose shapes follow any size.
-        windows = (n + length - 1) // length
-        x = F.pad(x, (0, 0, 0, windows * length - n))
-        out = _mix_windows(x, proj.weight, proj.bias, length, windows)
-        return out.index_select(2, torch.arange(n, device=x.device))  # a crop whose size export can follow
-    full = n - n % length
-    parts = []
-    if full:
-        parts.append(_mix_windows(x[:, :, :full], proj.weight, proj.bias, length))
-    if n > full:
-        k = (n - full) * (c // length)
-        bias = None if proj.bias is None else proj.bias[:k]
-        parts.append(_mix_windows(x[:, :, full:], proj.weight[:k, :k], bias, length))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    n = x.shape[2]
+    out = mix_windows(pad_axis_to_multiple(x, 2, length), proj.weight, proj.bias, length, (n + length - 1) // length)
+    return crop_axis(out, 2, n)
 
 
 class WeightedPermuteMLP(nn.Module):
@@ -185,11 +162,15 @@ class WeightedPermuteMLP(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    def mix(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """:func:`mix_in_windows` of ``x`` by ``proj`` in windows of ``segment_dim``."""
+        return mix_in_windows(x, proj, self.segment_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: ``(B, H, W, C)`` of any ``H``, ``W``. Returns ``(B, H, W, C)``."""
         b, _, _, c = x.shape
-        h = mix_in_windows(x.transpose(1, 2), self.mlp_h, self.segment_dim).transpose(1, 2)
-        w = mix_in_windows(x, self.mlp_w, self.segment_dim)
+        h = self.mix(x.transpose(1, 2), self.mlp_h).transpose(1, 2)
+        w = self.mix(x, self.mlp_w)
         ch = self.mlp_c(x)
         pooled = (h + w + ch).mean(dim=(1, 2))
         # The reweighting output is laid out as (C, 3): one logit per channel and branch.
@@ -274,13 +255,7 @@ class DownsampleNeck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.steps):
-            if is_tracing():
-                # The same maxima with shapes torch.export follows: pad odd sides with -inf
-                # (never a maximum), then pool in floor mode (ceil mode's shape is a guard).
-                pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
-                x = F.max_pool2d(F.pad(x, (0, pad_w, 0, pad_h), value=float("-inf")), kernel_size=2, stride=2)
-            else:
-                x = F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+            x = max_pool2x2_ceil(x)
         return x
 
 
