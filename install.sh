@@ -40,7 +40,8 @@ fi
 stamp_file="$VENV/.pvt_d2_install_stamp"
 stamp=$(cat install.sh requirements.txt setup.py | sha256sum | cut -c1-16)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-   && (cd / && "$PY" -c "import torch, torchvision, detectron2, timm, pvt_d2") 2>/dev/null; then
+   && (py_abs="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" && cd / \
+       && "$py_abs" -c "import torch, torchvision, detectron2, timm, pvt_d2") 2>/dev/null; then
   echo "[install] $VENV is up to date"
   exit 0
 fi
