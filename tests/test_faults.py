@@ -27,7 +27,7 @@ LAZY_QUICKSTART = os.path.join(CONFIGS, "lazy", "quickstart_pvt_v2_b0.py")
 # the LazyConfig quickstart twin shrunk for a CPU run of a few iterations
 TINY_LAZY = ["train.device=cpu", "train.max_iter=2", "train.eval_period=0", "train.checkpointer.period=1",
              "dataloader.train.num_workers=0", "dataloader.train.total_batch_size=2",
-             "dataloader.test.num_workers=0", "train.pretrained=''", "dataloader.evaluator=null"]
+             "dataloader.test.num_workers=0", "model.backbone.bottom_up.pretrained=''", "dataloader.evaluator=null"]
 
 
 def _env(dataset_root):

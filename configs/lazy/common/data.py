@@ -44,4 +44,6 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers="${..train.num_workers}",
 )
 
-dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
+# predictions under the run's folder (detectron2's default, ./output/..., would be shared by every run)
+dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}",
+                                        output_dir="${train.output_dir}/inference")
