@@ -10,9 +10,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _make_dry_run(target, **env_vars):
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(env_vars)
-    out = subprocess.run(["make", "-n", target], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return [line.rstrip() for line in out.stdout.splitlines()]
 
 
@@ -42,7 +43,8 @@ def test_install_step_under_an_activated_virtualenv(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "outer_site.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env["PVT_D2_NO_ONNX"] = "1"
     script = f'source "{env_dir}/bin/activate" && make install && make -n quickstart'
     proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
