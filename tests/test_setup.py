@@ -13,7 +13,8 @@ def _make_dry_run(target, **env_vars):
     env = {k: v for k, v in os.environ.items()
            if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PVT_D2_VENV", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(env_vars)
-    out = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True)
     return [line.rstrip() for line in out.stdout.splitlines()]
 
 

@@ -190,6 +190,9 @@ CHECKPOINT_MAPPING = register_mapping(FamilyMapping(
 # Variants: architecture, ImageNet weights (whai362/PVT release v2), detection and published numbers
 # ---------------------------------------------------------------------------
 _CONFIGS = "whai362/PVT detection/configs/"
+#: The 1x detection configs of whai362/PVT, for PVT v1 and v2 alike ({v}: the variant's name there).
+PVT_REPO_1X_CONFIGS = {"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco.py",
+                       "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco.py"}
 _WEIGHTS = Weights("https://github.com/whai362/PVT/releases/download/v2/{arch}.pth", "{arch}.pth")
 
 MANIFEST = register_family(FamilyManifest(
@@ -215,8 +218,7 @@ MANIFEST = register_family(FamilyManifest(
                               "mask_rcnn_3x": "44.5 / 40.7"},
                 published_params={"retinanet_1x": 71.1, "mask_rcnn_1x": 81.0}),
     ),
-    official_configs={"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco.py",
-                      "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco.py"},
+    official_configs=PVT_REPO_1X_CONFIGS,
     paper='W. Wang et al., "Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without '
           'Convolutions", ICCV 2021',
     cite="Wang et al., ICCV 2021", params_source="PVT v1 Table 3"))

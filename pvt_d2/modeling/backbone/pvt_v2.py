@@ -20,7 +20,7 @@ from torch import nn
 from .base import PyramidBackbone, checkpoint_block, drop_path_rates
 from .export_ops import map_to_tokens, tokens_to_map
 from .layers import init_weights
-from .pvt import PVTBlock
+from .pvt import PVT_REPO_1X_CONFIGS, PVTBlock
 from .key_mapping import (
     FamilyMapping,
     dropping,
@@ -188,8 +188,7 @@ MANIFEST = register_family(FamilyManifest(
                 drop_path=0.1, small_batch=_SMALL_BATCH,
                 published_params={"retinanet_1x": 91.7, "mask_rcnn_1x": 101.6}),
     ),
-    official_configs={"retinanet_1x": _CONFIGS + "retinanet_{v}_fpn_1x_coco.py",
-                      "mask_rcnn_1x": _CONFIGS + "mask_rcnn_{v}_fpn_1x_coco.py"},
+    official_configs=PVT_REPO_1X_CONFIGS,
     paper='W. Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer", Computational Visual '
           'Media 2022',
     cite="Wang et al., CVMJ 2022", params_source="PVT v2 Tables 3-4"))
