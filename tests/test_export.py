@@ -140,7 +140,7 @@ def test_mask_rcnn_trace_matches_eager_detections(tmp_path):
 
     cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_v2_b0.yaml"), [
         "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "TEST.DETECTIONS_PER_IMAGE", "20"])
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.PVT_D2.PRETRAINED", ""])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(0)

@@ -41,6 +41,12 @@ def _errors(text, prefix="ERROR"):
 # --------------------------------------------------------------------------- interruption (84-89)
 
 
+def _terminal_like_signals():
+    """In the child, before it execs Python: SIGINT back to its default, as in a terminal. pytest-xdist workers
+    ignore SIGINT and a child inherits that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(path, proc, log, timeout=300):
     deadline = time.time() + timeout
     while not os.path.exists(path):
@@ -65,7 +71,7 @@ def test_sigint_and_sigterm_stop_with_one_line_and_resume_continues(dataset_root
         log = tmp_path / f"{signum}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen([sys.executable, *args[:1], *resume, *args[1:]], stdout=f, stderr=f,
-                                    env=_env(dataset_root))
+                                    env=_env(dataset_root), preexec_fn=_terminal_like_signals)
             try:
                 deadline = time.time() + 300
                 while not (out / "last_checkpoint").exists() or (out / "last_checkpoint").read_text() == before:
