@@ -468,6 +468,55 @@ def test_benchmark_timm_table_ratios():
     assert [c.strip() for c in lines[3].split("|")[1:-1]][3:7] == ["n/a", "n/a", "n/a", "n/a"]
 
 
+def test_benchmark_timm_table_paired_against_the_baseline():
+    from pvt_d2.cli.benchmark_timm import markdown_table
+
+    results = {("twins_pcpvt_small", "224"): {"ours": [0.5, 1.1, 0.9], "timm": [1.0, 1.0, 1.0],
+                                              "before": [0.5, 1.0, 1.0], "ours_cpu": [1.0, 2.0, 2.0],
+                                              "timm_cpu": [2.0, 2.0, 2.0], "before_cpu": [1.0, 2.5, 1.0]}}
+    lines = markdown_table(results, baseline=True, cpu_time=True).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    cells = dict(zip([c.strip() for c in lines[0].split("|")[1:-1]], [c.strip() for c in lines[2].split("|")[1:-1]]))
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    row = [c.strip() for c in lines[2].split("|")[1:-1]]
+    at = head.index("pvt_d2 / before")
+    # medians 900 / 1000 ms: 0.90; rounds' ratios 1.0, 1.1, 0.9: paired 1.00
+    assert row[at:at + 3] == ["0.90", "1.00", "1.00 1.10 0.90"]
+    at = head.index("pvt_d2 / before CPU")
+    # CPU medians 2000 / 1000 ms: 2.00; rounds' ratios 1.0, 0.8, 2.0: paired 1.00
+    assert row[at:at + 3] == ["2.00", "1.00", "1.00 0.80 2.00"]
+    assert cells["before ms"] == "1000.0"
+
+
+@pytest.mark.parametrize("steady", [False, True])
+def test_benchmark_timm_steady_malloc_reaches_every_worker(monkeypatch, steady):
+    import subprocess
+    import types
+
+    from pvt_d2.cli import benchmark_timm
+
+    envs = []
+
+    def fake_run(cmd, env, **kwargs):
+        envs.append(env)
+        return types.SimpleNamespace(returncode=0, stdout='{"median": 1.0, "min": 1.0, "cpu_median": 2.0, '
+                                                          '"cpu_min": 2.0}\n', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    args = types.SimpleNamespace(threads=1, warmup=0, iters=1, steady_malloc=steady)
+    for impl in ("ours", "timm"):
+        assert benchmark_timm._measure(impl, "pvt_v2_b2", "224", args, None)["cpu_median"] == 2.0
+    assert len(envs) == 2
+    for env in envs:
+        assert env["OMP_NUM_THREADS"] == "1"
+        if steady:
+            assert env["MALLOC_TRIM_THRESHOLD_"] == str(4 * 2 ** 30)
+            assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 2 ** 20)
+        else:
+            assert "MALLOC_TRIM_THRESHOLD_" not in env
+
+
 def test_benchmark_timm_bad_arguments_are_one_error():
     from pvt_d2.cli import benchmark_timm
 

@@ -28,6 +28,14 @@ steadiest A/B measure on a shared machine. Sizes: 224x224 at batch 8 and 800x134
 and GC ViT only run at their 224 training size, so they are timed at 224
 only). Twins is built without the SVT detection ``extra_norm`` so both sides
 compute the same function.
+
+``--steady-malloc`` runs every worker with glibc's heap trimming off and its
+mmap threshold fixed (:data:`STEADY_MALLOC`), the same for every side. With
+glibc's defaults, whether freed activations go back to the system and are
+page-faulted in again on the next forward depends on each process's heap
+layout: the same model then takes 11,000 to 30,000 page faults per forward
+from one process to the next, and that, not the model code, decides an A/B
+ratio near 1. Without the option the workers run as a user's process does.
 """
 import argparse
 import json
@@ -51,6 +59,9 @@ ONLY_224 = ("levit", "gcvit")
 #: ``name`` -> (height, width, batch size).
 SIZES = {"224": (224, 224, 8), "800x1344": (800, 1344, 1)}
 IMPLS = ("ours", "timm")
+#: glibc tunables of ``--steady-malloc``: the largest mmap threshold glibc accepts on 64-bit systems (32 MiB,
+#: which also stops its dynamic adjustment) and a trim threshold no forward reaches.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2 ** 30)}
 
 
 def sizes_for(variant: str, sizes: Sequence[str]) -> List[str]:
@@ -101,6 +112,8 @@ def _measure(impl: str, variant: str, size: str, args, baseline_root: Optional[s
            "--worker-size", f"{height}x{width}x{batch}", "--threads", str(args.threads),
            "--warmup", str(args.warmup), "--iters", str(args.iters)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.steady_malloc:
+        env.update(STEADY_MALLOC)
     root = baseline_root if impl == "before" else REPO_ROOT
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -151,11 +164,11 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
     """
     head = "| variant | input (batch) | pvt_d2 ms | timm ms | ratio pvt_d2 / timm | paired | rounds |"
     if baseline:
-        head += " before ms | before / timm | pvt_d2 / before |"
+        head += " before ms | before / timm | pvt_d2 / before | paired | rounds |"
     if cpu_time:
         head += " pvt_d2 CPU ms | timm CPU ms | CPU ratio |"
         if baseline:
-            head += " before CPU ms | before / timm CPU | pvt_d2 / before CPU |"
+            head += " before CPU ms | before / timm CPU | pvt_d2 / before CPU | paired | rounds |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (variant, size), times in results.items():
         h, w, b = SIZES[size]
@@ -175,6 +188,9 @@ def markdown_table(results, baseline: bool, cpu_time: bool = False) -> str:
                 before = statistics.median(times["before" + suffix])
                 line += f" {before * 1e3:.1f} | " + ("n/a" if ref is None else f"{before / ref:.2f}")
                 line += f" | {ours / before:.2f} |"
+                mine, theirs = times["ours" + suffix], times["before" + suffix]
+                rounds = " ".join(f"{o / r:.2f}" for o, r in zip(mine, theirs))
+                line += f" {paired_ratio(mine, theirs):.2f} | {rounds} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -193,6 +209,8 @@ def main(argv=None) -> int:
                         help="also time pvt_d2 imported from this checkout (column 'before')")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also report process CPU time per forward (steadier on a shared machine)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="run every worker with glibc's heap trimming off (see above); the steadiest A/B")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--worker", choices=IMPLS + ("before",), help=argparse.SUPPRESS)
     parser.add_argument("--variant-name", help=argparse.SUPPRESS)
@@ -213,7 +231,8 @@ def main(argv=None) -> int:
     import torch
 
     results = compare(args)
-    print(f"CPU fp32 eager, {args.threads} threads, torch {torch.__version__}; median over {args.rounds} "
+    malloc = ", glibc heap trimming off (--steady-malloc)" if args.steady_malloc else ""
+    print(f"CPU fp32 eager, {args.threads} threads{malloc}, torch {torch.__version__}; median over {args.rounds} "
           f"interleaved rounds of each process's median of {args.iters} forwards (ms per forward); "
           f"paired: median of the rounds' ratios (rounds: each round's ratio)\n")
     print(markdown_table(results, bool(args.baseline_root), args.cpu_time))
