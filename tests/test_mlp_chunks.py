@@ -53,6 +53,29 @@ def test_token_chunks_equal_whole_tensor_any_leading_dims(shape):
     assert torch.equal(chunked, whole)
 
 
+@pytest.mark.parametrize("extra_relu", [False, True])  # GELU fused into fc1's GEMM, and applied after it
+def test_token_chunks_free_each_hidden_chunk_before_the_next(monkeypatch, extra_relu):
+    """A hidden chunk still referenced while the next is made doubles the working set (two buffers alternate)."""
+    import weakref
+
+    mlp = Mlp(16, 64, extra_relu=extra_relu).eval()
+    mlp.min_chunked_numel, mlp.chunk_numel = 0, 64 * 100  # 100 tokens per chunk
+    alive_at_creation, hidden_refs = [], []
+    fc1_forward_act, fc1_forward = mlp.fc1.forward_act, mlp.fc1.forward
+
+    def record(hidden):
+        alive_at_creation.append(sum(ref() is not None for ref in hidden_refs))
+        hidden_refs.append(weakref.ref(hidden))
+        return hidden
+
+    monkeypatch.setattr(mlp.fc1, "forward_act", lambda x, act=None: record(fc1_forward_act(x, act)))
+    monkeypatch.setattr(mlp.fc1, "forward", lambda x: record(fc1_forward(x)))
+    with torch.no_grad():
+        mlp(torch.randn(2, 300, 16))
+    assert mlp.fused_gelu() is not extra_relu
+    assert alive_at_creation == [0] * 6  # 600 tokens in 6 chunks; no earlier chunk alive at any creation
+
+
 def test_chunked_only_in_inference():
     mlp = Mlp(16, 64, dwconv=True)
     mlp.min_chunked_numel = 0

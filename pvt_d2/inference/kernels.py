@@ -198,7 +198,7 @@ def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     out = q.new_empty(b, n, heads, d)
     out_heads = out.transpose(1, 2)  # (B, heads, N, d) view written chunk by chunk
     rows = max(1, budget // (b * heads * k.shape[-2]))
-    for start in range(0, n, rows):
-        scores = torch.matmul(q[:, :, start:start + rows], keys_t)
-        out_heads[:, :, start:start + rows] = torch.matmul(torch.softmax(scores, dim=-1), v)
+    for start in range(0, n, rows):  # unnamed scores: each chunk's reuse the memory of the last one's
+        out_heads[:, :, start:start + rows] = torch.matmul(
+            torch.softmax(torch.matmul(q[:, :, start:start + rows], keys_t), dim=-1), v)
     return out
